@@ -1,0 +1,142 @@
+"""Token taxonomy: float64 reference, finite-difference check, chunked path equality, bins."""
+
+import math
+
+import pytest
+import torch
+
+import wapo
+
+
+def _reference(z: torch.Tensor, s: torch.Tensor):
+    """Straight from the definitions, in float64 with an explicit softmax."""
+    z = z.double()
+    p = torch.softmax(z, -1)
+    ps = p.gather(-1, s[:, None]).squeeze(-1)
+    logp_all = torch.log(p)
+    h = -(p * logp_all).sum(-1)
+    c = (p**2).sum(-1)
+    dent = -(ps * (torch.log(ps) + h) - (p**2 * (logp_all + h[:, None])).sum(-1))
+    return torch.log(ps), h, c, ps >= c, 1 - 2 * ps + c, dent
+
+
+def _random_problem(seed, n=64, v=50, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, v, generator=gen, dtype=torch.float64) * scale
+    s = torch.multinomial(torch.softmax(z, -1), 1, generator=gen).squeeze(-1)
+    return z, s
+
+
+def test_hand_worked_distribution():
+    # p = [0.5, 0.25, 0.25]: C = 0.25 + 0.0625 + 0.0625 = 0.375, H = 1.5 ln 2
+    z = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]], dtype=torch.float64))
+    st = wapo.token_stats(z, torch.tensor([0, 1]))
+    torch.testing.assert_close(st.collision, torch.tensor([0.375, 0.375], dtype=torch.float64))
+    torch.testing.assert_close(st.entropy, torch.full((2,), 1.5 * math.log(2), dtype=torch.float64))
+    assert st.is_peak.tolist() == [True, False]  # 0.5 >= 0.375 > 0.25
+    # pred_dlogp = 1 - 2 p_s + C: 1 - 1 + 0.375 = 0.375 and 1 - 0.5 + 0.375 = 0.875
+    torch.testing.assert_close(st.pred_dlogp, torch.tensor([0.375, 0.875], dtype=torch.float64))
+
+
+def test_token_stats_matches_float64_reference():
+    z, s = _random_problem(0)
+    st = wapo.token_stats(z.float(), s)
+    ref = _reference(z, s)
+    for got, want in zip((st.logp, st.entropy, st.collision, st.pred_dlogp, st.pred_dentropy), ref[:2] + ref[2:3] + ref[4:]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # is_peak may only disagree where p_s and C are within float32 rounding of each other
+    ps = ref[0].exp()
+    disagree = st.is_peak != ref[3]
+    assert torch.all((ps[disagree] - ref[2][disagree]).abs() < 1e-6)
+
+
+def test_first_order_predictions_match_a_small_logit_step():
+    z, s = _random_problem(1)
+    st = wapo.token_stats(z, s)
+    eta = 1e-6
+    p = torch.softmax(z, -1)
+    step = -p
+    step[torch.arange(len(s)), s] += 1  # Δz = ηA(onehot(s) − p) with ηA = eta
+    z2 = z + eta * step
+    after = wapo.token_stats(z2, s)
+    torch.testing.assert_close((after.logp - st.logp) / eta, st.pred_dlogp, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close((after.entropy - st.entropy) / eta, st.pred_dentropy, rtol=1e-4, atol=1e-6)
+    # other tokens: Δ log p_k / ηA = C − p_s − p_k
+    logp2 = torch.log_softmax(z2, -1)
+    k = (s + 1) % z.shape[1]
+    fd = (logp2.gather(-1, k[:, None]) - torch.log_softmax(z, -1).gather(-1, k[:, None])).squeeze(-1) / eta
+    want = st.collision - st.logp.exp() - p.gather(-1, k[:, None]).squeeze(-1)
+    torch.testing.assert_close(fd, want, rtol=1e-4, atol=1e-6)
+
+
+def test_cells_forecast_the_entropy_sign():
+    # SPEC.md: valley -> entropy up for every token; peak -> entropy down for most (a forecast).
+    # Logits N(0, 3^2) over 50 tokens: every valley agrees, peaks agree 90-95% of the time.
+    z, s = _random_problem(2, n=20000)
+    st = wapo.token_stats(z, s)
+    valley, peak = ~st.is_peak, st.is_peak
+    assert torch.all(st.pred_dentropy[valley] > 0)
+    assert (st.pred_dentropy[peak] < 0).double().mean() > 0.85
+    assert torch.all(st.pred_dlogp >= 0)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 25, 64, 1000])  # divides N=64 or not, or one chunk
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_equals_naive_values_and_gradients(chunk_size, with_bias):
+    gen = torch.Generator().manual_seed(3)
+    n, d, v, temp = 64, 8, 40, 0.7
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64, requires_grad=True) if with_bias else None
+    tokens = torch.randint(0, v, (n,), generator=gen)
+    upstream = torch.randn(n, generator=gen, dtype=torch.float64)
+
+    logits = hidden @ weight.T + (bias if with_bias else 0)
+    naive = wapo.token_stats(logits / temp, tokens)
+    chunked = wapo.chunked_token_stats(hidden, weight, tokens, bias=bias, temperature=temp, chunk_size=chunk_size)
+    for field in ("logp", "entropy", "collision", "is_peak", "pred_dlogp", "pred_dentropy"):
+        torch.testing.assert_close(getattr(chunked, field).to(getattr(naive, field).dtype),
+                                   getattr(naive, field), rtol=1e-5, atol=1e-6)
+    params = [hidden, weight] + ([bias] if with_bias else [])
+    g_naive = torch.autograd.grad((naive.logp * upstream).sum(), params)
+    g_chunked = torch.autograd.grad((chunked.logp * upstream).sum(), params)
+    for a, b in zip(g_chunked, g_naive):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_gradcheck():
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 5, (7,), generator=gen)
+    fn = lambda h, w, b: wapo.chunked_token_stats(h, w, tokens, bias=b, temperature=1.3, chunk_size=3).logp
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_chunked_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="expected hidden"):
+        wapo.chunked_token_stats(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        wapo.chunked_token_stats(torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4, dtype=torch.long), temperature=0)
+
+
+def test_bins_by_advantage_sign():
+    # p = [0.5, 0.25, 0.25] everywhere: token 0 is a peak, tokens 1/2 are valleys
+    z = torch.log(torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)).expand(3, 4, 3)
+    tokens = torch.tensor([[0, 1, 0, 2], [1, 1, 0, 0], [0, 1, 2, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    st = wapo.token_stats(z, tokens)
+    bins = wapo.taxonomy_bins(st, torch.tensor([1.0, -2.0, 0.0]), mask)
+    # row 0 (A>0): peaks at t0,t2; valleys t1,t3. row 1 (A<0): valleys t0,t1; peak t2 (t3 masked)
+    # row 2 (A=0): 2 masked-in tokens. Total 9 tokens.
+    counts = {b: bins[f"{b}_count"].item() for b in wapo.BINS}
+    assert counts == {"pos_peak": 2, "pos_valley": 2, "neg_peak": 1, "neg_valley": 2, "zero": 2}
+    assert bins["pos_peak_frac"].item() == pytest.approx(2 / 9)
+    # peak: -[0.5(ln .5 + H) - Σp²(ln p + H)], H = 1.5 ln 2, Σp² ln p = .25 ln .5 + .125 ln .25
+    h, l2 = 1.5 * math.log(2), math.log(2)
+    sum_p2 = 0.25 * (-l2 + h) + 2 * 0.0625 * (-2 * l2 + h)
+    assert bins["pos_peak_pred_dentropy"].item() == pytest.approx(-(0.5 * (-l2 + h) - sum_p2))
+    assert bins["neg_valley_pred_dentropy"].item() == pytest.approx(-(0.25 * (-2 * l2 + h) - sum_p2))
+    empty = wapo.taxonomy_bins(st, torch.tensor([1.0, 1.0, 1.0]), mask)
+    assert math.isnan(empty["neg_peak_pred_dentropy"].item()) and empty["neg_peak_count"].item() == 0

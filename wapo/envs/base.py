@@ -1,0 +1,80 @@
+"""The environment interface: a prompt from a sample, a reward result from a completion.
+
+An environment owns its data (seeded, with train and held-out splits that never overlap),
+turns one sample into chat messages, and grades a completion. Parsing (what did the model
+answer?) and grading (is it right?) are separate steps, and a grader that cannot decide says
+why in `RewardResult.reason` instead of raising.
+
+Multi-turn (tool) environments set `max_turns > 1` and `stop_strings`; after each model turn
+that ends in one of `stop_strings` the trainer calls `observe()` and appends the returned text
+to the context as environment tokens (mask 0 in the loss), until `observe()` returns None,
+`max_turns` is reached or the token budget runs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wapo.registry import Registry
+
+Sample = dict[str, Any]
+"""One problem. Keys depend on the environment; `answer` (str) is conventional."""
+
+Messages = list[dict[str, str]]
+"""Chat messages, e.g. [{"role": "user", "content": "What is 2 + 3?"}]."""
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """What a grader says about one completion."""
+
+    score: float
+    """The reward used for training (usually in [0, 1])."""
+    correct: bool
+    """True only when the answer earned full credit; accuracy metrics count these."""
+    reason: str = ""
+    """Why: e.g. "correct", "wrong answer", "no answer found", "grader timeout"."""
+    extracted: str | None = None
+    """The answer the parser found in the completion, if any."""
+
+
+@dataclass
+class Environment:
+    """Base class of environments; subclasses fill in the data and `reward`.
+
+    Subclasses are dataclasses whose fields are their options (seeded, documented), so that
+    `ENVIRONMENTS[name](**options)` builds one from a config file or the command line.
+    """
+
+    seed: int = 0
+    """Seed of the data generation and of the train/held-out split."""
+    max_turns: int = field(default=1, init=False)
+    """Model turns per episode; above 1 the environment answers tool calls via `observe`."""
+    stop_strings: tuple[str, ...] = field(default=(), init=False)
+    """Strings that end a model turn early so the environment can answer (multi-turn only)."""
+
+    def train_set(self) -> Sequence[Sample]:
+        """Training problems, in a fixed (seeded) order; the trainer cycles through them."""
+        raise NotImplementedError
+
+    def eval_set(self) -> Sequence[Sample]:
+        """Held-out problems, disjoint from `train_set()`."""
+        raise NotImplementedError
+
+    def prompt(self, sample: Sample) -> Messages:
+        """The chat messages that pose `sample` to the model."""
+        raise NotImplementedError
+
+    def reward(self, sample: Sample, completion: str) -> RewardResult:
+        """Grade the model's text (all model turns and observations, as decoded)."""
+        raise NotImplementedError
+
+    def observe(self, sample: Sample, completion: str) -> str | None:
+        """Multi-turn only: the environment's reply to the last model turn, or None to stop."""
+        return None
+
+
+ENVIRONMENTS: Registry[type[Environment]] = Registry("environment")
+"""Environment classes by name, e.g. `ENVIRONMENTS["arithmetic"](seed=1)`."""

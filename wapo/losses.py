@@ -1,0 +1,387 @@
+"""Policy objectives: WAPO and the baselines it is compared with (SPEC.md "Objectives").
+
+Every objective is a pure function registered in `LOSSES` by name, with the signature
+
+    fn(logprobs, old_logprobs, advantages, mask, *, max_len, group_size=None,
+       normalizer=None, **hparams) -> LossOutput
+
+    logprobs      (B, T) float  logπ(i,t) of the sampled tokens under the current policy
+    old_logprobs  (B, T) float  logμ(i,t), recorded when sampling (no gradient)
+    advantages    (B,)   float  one per completion
+    mask          (B, T) bool   completion tokens that are trained on
+
+and returns the loss to *minimise*, written as `S / D`: `S` is a sum over rows (so a batch
+split into row micro-batches adds up), `D` the objective's normaliser over the whole batch.
+Pass the whole batch's `D` (see `normalizer()`) as `normalizer=` when the batch is split.
+
+Objective and normalisation are separate steps: each function builds the per-token term
+`ℓ(i,t)` and hands it to one of the reductions at the bottom of this file. `sg[·]` is
+stop-gradient. Ratios use `ρ = exp(logπ − logμ)` on masked positions only, so whatever sits
+in masked positions (padding, prompt, tool output, even inf/NaN) changes neither loss nor
+gradient.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from wapo.registry import Registry
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """A scalar loss and its diagnostics (detached 0-d tensors: no `.item()` in the hot path)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+LossFn = Callable[..., LossOutput]
+LOSSES: Registry[LossFn] = Registry("loss")
+DEFAULT_ADVANTAGE: dict[str, str] = {}
+"""The advantage estimator each objective is defined with (the trainer's default)."""
+
+
+def register_loss(name: str, *, advantage: str) -> Callable[[LossFn], LossFn]:
+    def add(fn: LossFn) -> LossFn:
+        LOSSES.register(name)(fn)
+        DEFAULT_ADVANTAGE[name] = advantage
+        return fn
+
+    return add
+
+
+def policy_loss(
+    name: str,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    max_len: int,
+    group_size: int | None = None,
+    **hparams,
+) -> LossOutput:
+    """The objective registered as `name` on one batch; unknown hyper-parameters fail loudly."""
+    fn = LOSSES[name]
+    _check_inputs(logprobs, old_logprobs, advantages, mask)
+    allowed = hyperparameters(name)
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise TypeError(f"loss {name!r} has no hyper-parameter {unknown}; it takes {sorted(allowed)}")
+    return fn(logprobs, old_logprobs, advantages, mask, max_len=max_len, group_size=group_size, **hparams)
+
+
+def hyperparameters(name: str) -> dict[str, object]:
+    """The keyword-only hyper-parameters of loss `name` with their defaults (plus `normalizer`)."""
+    params = inspect.signature(LOSSES[name]).parameters.values()
+    skip = {"max_len", "group_size"}
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in skip}
+
+
+def normalizer(name: str, advantages: Tensor, mask: Tensor, *, max_len: int,
+               group_size: int | None = None, **hparams) -> Tensor:
+    """The whole batch's denominator `D` of loss `name`, for summing row micro-batches.
+
+    Computed by running the objective on zero log-probabilities: each normaliser is then
+    written once, inside its objective, and cannot drift from it (cost: a few (B, T) ops).
+    """
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    out = policy_loss(name, zeros, zeros, advantages, mask, max_len=max_len, group_size=group_size, **hparams)
+    return out.metrics["normalizer"]
+
+
+def _check_inputs(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor) -> None:
+    if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(
+            f"logprobs, old_logprobs and mask must share one (B, T) shape; got "
+            f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(mask.shape)}"
+        )
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(f"advantages must be (B,) = ({logprobs.shape[0]},), got {tuple(advantages.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
+
+
+def _log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """logπ − sg[logμ] on masked positions, 0 elsewhere (so padding never yields inf/NaN)."""
+    return torch.where(mask, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+
+
+def _requires_groups(name: str, group_size: int | None, batch: int) -> int:
+    if group_size is None or group_size < 1 or batch % group_size:
+        raise ValueError(f"loss {name!r} needs group_size dividing the batch of {batch}, got {group_size}")
+    return group_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives
+# ---------------------------------------------------------------------------------------------
+
+
+@register_loss("wapo", advantage="group_mean")
+def wapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+              max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+              eps_high: float = 9.0, denominator: str = "all") -> LossOutput:
+    """Winner Advantage Policy Optimization: clipped policy gradient on winners only.
+
+        ℓ(i,t) = −min(ρ·A_i, min(ρ, 1+ε_high)·A_i) = −A_i·min(ρ, 1+ε_high)   if A_i > 0
+        ℓ(i,t) = 0                                                            otherwise
+        loss   = Σ_{i,t} ℓ(i,t)·mask / (B·L)                     denominator="all"
+        loss   = Σ_{i,t} ℓ(i,t)·mask / (#groups with a winner · G · L)   "contributing"
+
+    ∂ℓ/∂logπ = −A·ρ below the cap and 0 above it. Losers stay in `B`: a group with fewer
+    winners moves the policy less. "contributing" matches the authors' released code.
+    `ε_high = 9` caps the ratio at 10 (the reference setting).
+
+    Paper: "A Gradient Perspective on RLVR Stability and Winner Advantage Policy
+    Optimization", arXiv 2606.16154. SPEC.md "Objectives / WAPO".
+    """
+    if denominator not in ("all", "contributing"):
+        raise ValueError(f"denominator must be 'all' or 'contributing', got {denominator!r}")
+    batch = logprobs.shape[0]
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
+    winners = advantages > 0
+    a = advantages.unsqueeze(-1)
+    per_token = -torch.minimum(ratio * a, ratio.clamp(max=1 + eps_high) * a)
+    per_token = torch.where(winners.unsqueeze(-1), per_token, torch.zeros_like(per_token))
+    if normalizer is None:
+        if denominator == "all":
+            normalizer = float(batch * max_len)
+        else:
+            g = _requires_groups("wapo", group_size, batch)
+            groups_with_winner = winners.view(-1, g).any(-1).sum()
+            normalizer = groups_with_winner.clamp(min=1).float() * (g * max_len)
+    clipped_high = ratio > 1 + eps_high
+    trained = mask & winners.unsqueeze(-1) & ~clipped_high
+    metrics = _ratio_metrics(ratio, mask, advantages, clipped_high, torch.zeros_like(mask), trained)
+    return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
+
+
+def _clipped_surrogate(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    """ℓ = −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)·A), per token."""
+    a = advantages.unsqueeze(-1)
+    return -torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+
+
+def _ppo_clip_masks(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float):
+    """Where the PPO min picks the clipped branch (zero gradient): A>0, ρ>1+ε_h or A<0, ρ<1−ε_l."""
+    a = advantages.unsqueeze(-1)
+    return (a > 0) & (ratio > 1 + eps_high), (a < 0) & (ratio < 1 - eps_low)
+
+
+def _ppo_style(ratio, advantages, mask, eps_low, eps_high):
+    per_token = _clipped_surrogate(ratio, advantages, eps_low, eps_high)
+    clip_high, clip_low = _ppo_clip_masks(ratio, advantages, eps_low, eps_high)
+    trained = mask & (advantages != 0).unsqueeze(-1) & ~clip_high & ~clip_low
+    return per_token, _ratio_metrics(ratio, mask, advantages, clip_high, clip_low, trained)
+
+
+@register_loss("grpo", advantage="group_norm")
+def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+              max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+              eps: float = 0.2) -> LossOutput:
+    """GRPO: PPO's clipped surrogate, mean over each sequence's tokens, then over sequences.
+
+        ℓ(i,t) = −min(ρA_i, clip(ρ, 1−ε, 1+ε)·A_i)
+        loss   = (1/B) Σ_i (1/|o_i|) Σ_t ℓ(i,t)·mask
+
+    Paper: DeepSeekMath, arXiv 2402.03300 (KL term: see `kl_penalty`).
+    """
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
+    per_token, metrics = _ppo_style(ratio, advantages, mask, eps, eps)
+    normalizer = float(logprobs.shape[0]) if normalizer is None else normalizer
+    return _finish(sequence_mean_sum(per_token, mask) / normalizer, normalizer, metrics)
+
+
+@register_loss("dr_grpo", advantage="group_mean")
+def dr_grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                 max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+                 eps: float = 0.2) -> LossOutput:
+    """Dr. GRPO: GRPO's clipped surrogate with a constant normaliser (no length bias).
+
+        ℓ(i,t) = −min(ρA_i, clip(ρ, 1−ε, 1+ε)·A_i),   A from `group_mean` (no std division)
+        loss   = Σ_{i,t} ℓ(i,t)·mask / (B·L)
+
+    Paper: "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783.
+    """
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
+    per_token, metrics = _ppo_style(ratio, advantages, mask, eps, eps)
+    normalizer = float(logprobs.shape[0] * max_len) if normalizer is None else normalizer
+    return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
+
+
+@register_loss("dapo", advantage="group_norm")
+def dapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+              max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+              eps_low: float = 0.2, eps_high: float = 0.28) -> LossOutput:
+    """DAPO: decoupled ("clip-higher") clipping, token mean over the whole batch.
+
+        ℓ(i,t) = −min(ρA_i, clip(ρ, 1−ε_low, 1+ε_high)·A_i)
+        loss   = Σ_{i,t} ℓ(i,t)·mask / Σ_{i,t} mask
+
+    Dynamic sampling (dropping groups whose rewards are all equal) is the trainer's job.
+    Paper: "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arXiv 2503.14476.
+    """
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
+    per_token, metrics = _ppo_style(ratio, advantages, mask, eps_low, eps_high)
+    normalizer = _token_count(mask) if normalizer is None else normalizer
+    return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
+
+
+@register_loss("gspo", advantage="group_norm")
+def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+              max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+              eps_low: float = 3e-4, eps_high: float = 4e-4) -> LossOutput:
+    """GSPO: one length-normalised importance ratio per sequence, clipped per sequence.
+
+        s_i    = exp( (1/|o_i|) Σ_t (logπ − sg[logμ])·mask )
+        ℓ_i    = −min(s_i A_i, clip(s_i, 1−ε_low, 1+ε_high)·A_i)
+        loss   = (1/B) Σ_i ℓ_i
+
+    Paper: "Group Sequence Policy Optimization", arXiv 2507.18071 (ε = 3e-4 / 4e-4).
+    """
+    lengths = mask.sum(-1).clamp(min=1)
+    seq_ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask).sum(-1) / lengths)
+    per_seq = _clipped_surrogate(seq_ratio.unsqueeze(-1), advantages, eps_low, eps_high).squeeze(-1)
+    clip_high, clip_low = _ppo_clip_masks(seq_ratio.unsqueeze(-1), advantages, eps_low, eps_high)
+    rows_clipped = (clip_high | clip_low).squeeze(-1)
+    trained = mask & ((advantages != 0) & ~rows_clipped).unsqueeze(-1)
+    token_ratio = seq_ratio.unsqueeze(-1).expand_as(mask)
+    metrics = _ratio_metrics(token_ratio, mask, advantages, clip_high.expand_as(mask),
+                             clip_low.expand_as(mask), trained)
+    normalizer = float(logprobs.shape[0]) if normalizer is None else normalizer
+    return _finish(per_seq.sum() / normalizer, normalizer, metrics)
+
+
+@register_loss("cispo", advantage="group_norm")
+def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+               max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+               eps_low: float = 1.0, eps_high: float = 4.0) -> LossOutput:
+    """CISPO: REINFORCE weighted by a clipped, stop-gradient importance ratio; no token dropped.
+
+        ℓ(i,t) = −sg[clip(ρ, 1−ε_low, 1+ε_high)]·A_i·logπ(i,t)
+        loss   = Σ_{i,t} ℓ(i,t)·mask / Σ_{i,t} mask
+
+    Defaults: no lower bound (ε_low = 1), as MiniMax-M1; ε_high = 4 (ratio cap 5), our choice:
+    the paper tunes only the upper bound and does not fix one value.
+    Paper: "MiniMax-M1", arXiv 2506.13585.
+    """
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
+    weight = ratio.clamp(1 - eps_low, 1 + eps_high).detach()
+    per_token = -weight * advantages.unsqueeze(-1) * logprobs
+    a = advantages.unsqueeze(-1)
+    clip_high, clip_low = (a != 0) & (ratio > 1 + eps_high), (a != 0) & (ratio < 1 - eps_low)
+    trained = mask & (a != 0)  # clipping caps the weight but never zeroes the gradient
+    metrics = _ratio_metrics(ratio, mask, advantages, clip_high, clip_low, trained)
+    normalizer = _token_count(mask) if normalizer is None else normalizer
+    return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
+
+
+@register_loss("raft", advantage="group_mean")
+def raft_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+              max_len: int, group_size: int | None = None,
+              normalizer: Tensor | float | None = None) -> LossOutput:
+    """RAFT: supervised fine-tuning on each group's best completions (rejection sampling).
+
+        keep_i = A_i = max_{j∈g(i)} A_j  and  the group's advantages are not all equal
+        ℓ(i,t) = −logπ(i,t) if keep_i else 0
+        loss   = Σ_{i,t} ℓ(i,t)·mask / Σ_{i,t} mask·keep_i
+
+    With any advantage that is increasing in the reward (all of `ADVANTAGES`), the row with
+    the highest advantage is the one with the best reward; with 0/1 rewards RAFT trains on the
+    correct answers of mixed groups. Paper: "RAFT", arXiv 2304.06767.
+    """
+    g = _requires_groups("raft", group_size, logprobs.shape[0])
+    grouped = advantages.view(-1, g)
+    best, worst = grouped.max(-1, keepdim=True).values, grouped.min(-1, keepdim=True).values
+    keep = ((grouped == best) & (best > worst)).flatten()
+    kept = mask & keep.unsqueeze(-1)
+    per_token = torch.where(kept, -logprobs, torch.zeros_like(logprobs))
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
+    no_clip = torch.zeros_like(mask)
+    metrics = _ratio_metrics(ratio, mask, advantages, no_clip, no_clip, kept)
+    normalizer = _token_count(kept) if normalizer is None else normalizer
+    return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL penalty (added by the caller: loss + kl_penalty(...).loss)
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, *, beta: float = 0.0,
+               estimator: str = "k3", normalizer: Tensor | float | None = None) -> LossOutput:
+    """β · token-mean of a per-token estimate of KL(π ‖ π_ref) on the sampled tokens.
+
+        k1 = logπ − logπ_ref
+        k3 = exp(logπ_ref − logπ) − (logπ_ref − logπ) − 1      (≥ 0, unbiased, low variance)
+
+    logprobs/ref_logprobs/mask: (B, T). Estimators from J. Schulman, "Approximating KL
+    Divergence" (2020); k3 is GRPO's choice (arXiv 2402.03300, eq. 4).
+    """
+    diff = torch.where(mask, ref_logprobs.detach() - logprobs, torch.zeros_like(logprobs))
+    if estimator == "k1":
+        per_token = -diff
+    elif estimator == "k3":
+        per_token = torch.exp(diff) - diff - 1
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; known: k1, k3")
+    normalizer = _token_count(mask) if normalizer is None else normalizer
+    kl = token_sum(per_token, mask) / normalizer
+    return LossOutput(loss=beta * kl, metrics={"kl_ref": kl.detach()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def token_sum(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Σ_{i,t} x·mask (masked positions contribute exactly 0, even if x is inf/NaN there)."""
+    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
+
+
+def sequence_mean_sum(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Σ_i (Σ_t x·mask / |o_i|): a sum over rows of each row's token mean."""
+    lengths = mask.sum(-1).clamp(min=1)
+    return (torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1) / lengths).sum()
+
+
+def _token_count(mask: Tensor) -> Tensor:
+    return mask.sum().clamp(min=1).float()
+
+
+def _finish(loss: Tensor, normalizer: Tensor | float, metrics: dict[str, Tensor]) -> LossOutput:
+    metrics["normalizer"] = torch.as_tensor(normalizer, dtype=torch.float32).detach()
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+@torch.no_grad()
+def _ratio_metrics(ratio: Tensor, mask: Tensor, advantages: Tensor, clip_high: Tensor,
+                   clip_low: Tensor, trained: Tensor) -> dict[str, Tensor]:
+    """Clip fractions by advantage sign, ratio statistics and what carried gradient.
+
+    clip_frac_pos / clip_frac_neg: fraction of the masked tokens of rows with A>0 / A<0 whose
+    ratio fell outside the clip range (PPO's "clipfrac", split by sign: CleanRL's ppo.py).
+    grad_rows / grad_tokens: rows and tokens whose gradient is not zero by construction.
+    """
+    pos = mask & (advantages > 0).unsqueeze(-1)
+    neg = mask & (advantages < 0).unsqueeze(-1)
+    clipped = (clip_high | clip_low) & mask
+    r = ratio[mask]
+    empty = r.numel() == 0
+    return {
+        "clip_frac_pos": (clipped & pos).sum() / pos.sum().clamp(min=1),
+        "clip_frac_neg": (clipped & neg).sum() / neg.sum().clamp(min=1),
+        "ratio_mean": r.mean() if not empty else ratio.new_tensor(1.0),
+        "ratio_min": r.min() if not empty else ratio.new_tensor(1.0),
+        "ratio_max": r.max() if not empty else ratio.new_tensor(1.0),
+        "grad_rows": trained.any(-1).sum(),
+        "grad_tokens": trained.sum(),
+    }

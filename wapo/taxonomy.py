@@ -1,0 +1,204 @@
+"""Token taxonomy: peak/valley tokens and the first-order effect of a policy-gradient step.
+
+SPEC.md "Token taxonomy". For the logits `z` (at the sampling temperature) of the position
+that sampled token `s`, with `p = softmax(z)`:
+
+    logp  = log p_s                 entropy H = −Σ_k p_k log p_k
+    C     = Σ_k p_k² = exp(LSE(2z) − 2·LSE(z))          (collision probability)
+    peak  ⇔ p_s ≥ C,  valley ⇔ p_s < C
+    pred_dlogp    = 1 − 2p_s + C                            (Δ log p_s per unit ηA)
+    pred_dentropy = −[p_s(log p_s + H) − Σ_k p_k²(log p_k + H)]   (ΔH per unit ηA)
+
+for the logit step `Δz_k = ηA(1[k=s] − p_k)` of one policy-gradient update on that token.
+
+Two paths compute the same fields:
+- `token_stats(logits, tokens)` from full logits, for small problems and as the reference;
+- `chunked_token_stats(hidden, weight, tokens)` from the final hidden states and the output
+  layer, a chunk of positions at a time, so peak extra memory grows with the chunk size and
+  not with tokens × vocabulary. Its `logp` is differentiable (w.r.t. hidden, weight, bias)
+  through a custom backward that recomputes each chunk's logits instead of storing them.
+Only `logp` carries gradient; the other fields are detached diagnostics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BINS = ("pos_peak", "pos_valley", "neg_peak", "neg_valley", "zero")
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token fields, each shaped like `tokens`."""
+
+    logp: Tensor
+    """log p_s at the temperature; differentiable."""
+    entropy: Tensor
+    collision: Tensor
+    is_peak: Tensor
+    """bool: p_s ≥ Σ_k p_k²."""
+    pred_dlogp: Tensor
+    pred_dentropy: Tensor
+
+
+def _fields_from_sums(logp: Tensor, entropy: Tensor, collision: Tensor, p2logp: Tensor) -> TokenStats:
+    """Derive the taxonomy from log p_s, H, C and Σ p² log p (all detached but `logp`)."""
+    p_s = logp.detach().exp()
+    log_p_s = logp.detach()
+    pred_dentropy = -(p_s * (log_p_s + entropy) - (p2logp + collision * entropy))
+    return TokenStats(
+        logp=logp,
+        entropy=entropy,
+        collision=collision,
+        is_peak=p_s >= collision,
+        pred_dlogp=1 - 2 * p_s + collision,
+        pred_dentropy=pred_dentropy,
+    )
+
+
+def _chunk_sums(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(LSE(z), H, C, Σ p² log p) of float32 logits (n, V), without keeping p afterwards."""
+    lse = torch.logsumexp(logits, -1)
+    logp_all = logits - lse.unsqueeze(-1)
+    p = logp_all.exp()
+    entropy = -(p * logp_all).sum(-1)
+    collision = torch.exp(torch.logsumexp(2 * logits, -1) - 2 * lse)
+    p2logp = (p * p * logp_all).sum(-1)
+    return lse, entropy, collision, p2logp
+
+
+def token_stats(logits: Tensor, tokens: Tensor) -> TokenStats:
+    """Taxonomy fields from full logits `(..., V)` (already divided by the temperature).
+
+    tokens: `(...)` long, the sampled token at each position. Computed in float32 (float64 if
+    the logits are float64). Memory: a few `(..., V)` tensors; prefer `chunked_token_stats`.
+    """
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    logp = torch.log_softmax(z, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        _, entropy, collision, p2logp = _chunk_sums(z.detach())
+    return _fields_from_sums(logp, entropy, collision, p2logp)
+
+
+def chunked_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Tensor | None = None,
+                        temperature: float = 1.0, chunk_size: int = 1024) -> TokenStats:
+    """Taxonomy fields from hidden states, chunk by chunk: logits = (hidden·Wᵀ + b) / temperature.
+
+    hidden (N, d), weight (V, d), bias (V,) or None, tokens (N,) long. Peak extra memory is a
+    few `(chunk_size, V)` buffers (float32, or float64 for float64 inputs), forward and
+    backward; `logp` backpropagates into `hidden`, `weight` and `bias` by recomputing each
+    chunk's logits.
+    """
+    if hidden.dim() != 2 or tokens.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"expected hidden (N, d), weight (V, d), tokens (N,); got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(tokens.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    logp, entropy, collision, p2logp = _ChunkedLogProb.apply(
+        hidden, weight, bias, tokens, float(temperature), int(chunk_size)
+    )
+    return _fields_from_sums(logp, entropy, collision, p2logp)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bf16/float32 inputs (softmax sums need it), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return logits.to(_compute_dtype(logits.dtype)) / temperature
+
+
+class _ChunkedLogProb(torch.autograd.Function):
+    """log p_s and the taxonomy sums chunk by chunk; backward recomputes each chunk's logits.
+
+    d log p_s / dz = onehot(s) − p, so for upstream g (per position):
+        dL/dhidden = (g·(onehot − p) / τ) · W,   dL/dW = Σ_n (g·(onehot − p) / τ)ᵀ hidden,
+        dL/db = Σ_n g·(onehot − p) / τ.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_size):
+        n, dtype = hidden.shape[0], _compute_dtype(hidden.dtype)
+        logp, entropy, collision, p2logp, lse_all = (
+            torch.empty(n, device=hidden.device, dtype=dtype) for _ in range(5)
+        )
+        with torch.no_grad():
+            for start in range(0, n, chunk_size):
+                sl = slice(start, start + chunk_size)
+                logits = _chunk_logits(hidden[sl], weight, bias, temperature)
+                lse, entropy[sl], collision[sl], p2logp[sl] = _chunk_sums(logits)
+                lse_all[sl] = lse
+                logp[sl] = logits.gather(-1, tokens[sl].unsqueeze(-1)).squeeze(-1) - lse
+                del logits
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse_all)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy, collision, p2logp)
+        return logp, entropy, collision, p2logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_unused):
+        hidden, weight, bias, tokens, lse_all = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        dtype = lse_all.dtype
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            g = grad_logp[sl].to(dtype)
+            with torch.no_grad():
+                logits = _chunk_logits(hidden[sl], weight, bias, ctx.temperature)
+                # dz = g·(onehot − p)/τ, built in place over the logits buffer
+                dz = logits.sub_(lse_all[sl].unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
+                dz.scatter_add_(-1, tokens[sl].unsqueeze(-1), g.unsqueeze(-1))
+                dz.div_(ctx.temperature)
+                if need_h:
+                    grad_h[sl] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += dz.T @ hidden[sl].to(dtype)
+                if need_b:
+                    grad_b += dz.sum(0)
+                del logits, dz
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def taxonomy_bins(stats: TokenStats, advantages: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Counts, fractions and mean `pred_dentropy` of the bins crossed with the advantage sign.
+
+    stats fields (B, T); advantages (B,); mask (B, T) bool. Keys, for each bin in `BINS`:
+    `{bin}_count`, `{bin}_frac` (of all masked tokens), `{bin}_pred_dentropy` (NaN when the
+    bin is empty). Detached tensors.
+    """
+    with torch.no_grad():
+        sign = advantages.sign().unsqueeze(-1).expand_as(mask)
+        peak = stats.is_peak
+        cells = {
+            "pos_peak": (sign > 0) & peak,
+            "pos_valley": (sign > 0) & ~peak,
+            "neg_peak": (sign < 0) & peak,
+            "neg_valley": (sign < 0) & ~peak,
+            "zero": sign == 0,
+        }
+        total = mask.sum().clamp(min=1)
+        out: dict[str, Tensor] = {}
+        for name, cell in cells.items():
+            cell = cell & mask
+            count = cell.sum()
+            out[f"{name}_count"] = count
+            out[f"{name}_frac"] = count / total
+            dent = torch.where(cell, stats.pred_dentropy.float(), torch.zeros_like(stats.pred_dentropy.float()))
+            out[f"{name}_pred_dentropy"] = dent.sum() / count  # 0/0 = NaN for an empty bin
+        return out
