@@ -27,10 +27,17 @@ def test_rloo():
     torch.testing.assert_close(wapo.compute_advantages("rloo", r[4:], 2), torch.tensor([2.0, -2.0]))
 
 
+def test_best_of_group():
+    r = torch.tensor([0.2, 0.9, 0.9, 0.1, 1.0, 1.0, 1.0, 1.0])
+    # group 1: both 0.9 rows are best; group 2 all equal -> nothing selected
+    expected = torch.tensor([0.0, 1, 1, 0, 0, 0, 0, 0])
+    torch.testing.assert_close(wapo.compute_advantages("best_of_group", r, 4), expected)
+
+
 def test_bad_inputs_fail_clearly():
     with pytest.raises(ValueError, match="multiple of group_size"):
         wapo.compute_advantages("group_mean", torch.ones(5), 2)
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         wapo.compute_advantages("group_norm", torch.ones(4), 1)
-    with pytest.raises(KeyError, match="known: group_mean, group_norm, rloo"):
+    with pytest.raises(KeyError, match="known: best_of_group, group_mean, group_norm, rloo"):
         wapo.compute_advantages("gae", torch.ones(4), 2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import wapo
-from wapo.losses import hyperparameters, normalizer
+from wapo.losses import hyperparameters, normalizer, rows_with_gradient
 
 
 def _inputs(logprobs, ratios, mask):
@@ -123,12 +123,23 @@ def test_raft_hand_worked():
     adv = torch.tensor([0.5, -0.5, 0.0, 0.0], dtype=torch.float64)  # group 2 is all equal
     logprobs, old, mask = _inputs([[-1.0, -2, -3], [-1, -1, -1], [-2, -2, -2], [-1, -1, -1]],
                                   [[1.0] * 3] * 4, [[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
-    out = wapo.policy_loss("raft", logprobs, old, adv, mask, max_len=4, group_size=2)
-    # only row 0 is kept: -(-1 - 2 - 3) / 3 tokens = 2
+    out = wapo.policy_loss("raft", logprobs, old, adv, mask, max_len=4)
+    # only row 0 (A > 0) is kept: -(-1 - 2 - 3) / 3 tokens = 2
     assert out.loss.item() == pytest.approx(2.0)
     expected = torch.zeros(4, 3, dtype=torch.float64)
     expected[0] = -1 / 3
     torch.testing.assert_close(_grad(out, logprobs), expected)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("wapo", [True, False, False, False]),      # winners only
+    ("grpo", [True, True, False, False]),       # every row with A != 0
+    ("raft", [True, False, False, False]),
+])
+def test_rows_with_gradient(name, expected):
+    adv = torch.tensor([0.5, -0.5, 0.0, 0.0])
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    assert rows_with_gradient(name, adv, mask, max_len=3, group_size=2).tolist() == expected
 
 
 def test_kl_penalty_estimators():

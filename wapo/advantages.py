@@ -57,6 +57,17 @@ def rloo(rewards: Tensor, group_size: int) -> Tensor:
     return (r - loo_mean).flatten()
 
 
+@ADVANTAGES.register("best_of_group")
+def best_of_group(rewards: Tensor, group_size: int) -> Tensor:
+    """A_i = 1 if r_i is the best reward of its group and the group is not all equal, else 0.
+
+    The selection of rejection-sampling fine-tuning (RAFT); not a baseline-subtracted estimate.
+    """
+    r = _grouped(rewards, group_size)
+    best, worst = r.max(-1, keepdim=True).values, r.min(-1, keepdim=True).values
+    return ((r == best) & (best > worst)).float().flatten()
+
+
 def compute_advantages(name: str, rewards: Tensor, group_size: int) -> Tensor:
     """Advantages `(B,)` of rewards `(B,)` by the estimator registered as `name`."""
     return ADVANTAGES[name](rewards, group_size)

@@ -96,6 +96,21 @@ def normalizer(name: str, advantages: Tensor, mask: Tensor, *, max_len: int,
     return out.metrics["normalizer"]
 
 
+def rows_with_gradient(name: str, advantages: Tensor, mask: Tensor, *, max_len: int,
+                       group_size: int | None = None, **hparams) -> Tensor:
+    """(B,) bool: rows whose on-policy gradient under loss `name` is not zero by construction.
+
+    Found by differentiating the objective at ρ = 1 (zero log-probabilities), so no objective
+    needs a second description of which rows it trains on (WAPO: A > 0; GRPO: A ≠ 0; ...).
+    The trainer leaves the other rows out of the backward pass.
+    """
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
+    out = policy_loss(name, zeros, zeros.detach(), advantages.float(), mask, max_len=max_len,
+                      group_size=group_size, **hparams)
+    (grad,) = torch.autograd.grad(out.loss, zeros, allow_unused=True)
+    return torch.zeros(mask.shape[0], dtype=torch.bool) if grad is None else (grad != 0).any(-1)
+
+
 def _check_inputs(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor) -> None:
     if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
         raise ValueError(
@@ -283,25 +298,22 @@ def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask:
     return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
 
 
-@register_loss("raft", advantage="group_mean")
+@register_loss("raft", advantage="best_of_group")
 def raft_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               max_len: int, group_size: int | None = None,
               normalizer: Tensor | float | None = None) -> LossOutput:
-    """RAFT: supervised fine-tuning on each group's best completions (rejection sampling).
+    """RAFT: supervised fine-tuning on the selected (A > 0) completions.
 
-        keep_i = A_i = max_{j∈g(i)} A_j  and  the group's advantages are not all equal
-        ℓ(i,t) = −logπ(i,t) if keep_i else 0
-        loss   = Σ_{i,t} ℓ(i,t)·mask / Σ_{i,t} mask·keep_i
+        ℓ(i,t) = −logπ(i,t) if A_i > 0 else 0
+        loss   = Σ_{i,t} ℓ(i,t)·mask / Σ_{i,t} mask·1[A_i > 0]
 
-    With any advantage that is increasing in the reward (all of `ADVANTAGES`), the row with
-    the highest advantage is the one with the best reward; with 0/1 rewards RAFT trains on the
-    correct answers of mixed groups. Paper: "RAFT", arXiv 2304.06767.
+    The selection is the advantage estimator's job, so the loss stays row-local: with
+    `best_of_group` (its default) the kept rows are the completions that earned the best reward
+    of their group, in groups whose rewards are not all equal; with 0/1 rewards any centred
+    estimator keeps the same rows (the correct answers of mixed groups).
+    Paper: "RAFT: Reward rAnked FineTuning", arXiv 2304.06767.
     """
-    g = _requires_groups("raft", group_size, logprobs.shape[0])
-    grouped = advantages.view(-1, g)
-    best, worst = grouped.max(-1, keepdim=True).values, grouped.min(-1, keepdim=True).values
-    keep = ((grouped == best) & (best > worst)).flatten()
-    kept = mask & keep.unsqueeze(-1)
+    kept = mask & (advantages > 0).unsqueeze(-1)
     per_token = torch.where(kept, -logprobs, torch.zeros_like(logprobs))
     ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
     no_clip = torch.zeros_like(mask)

@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny random Llama with a character-level tokenizer, built offline."""
+
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer, 32-wide Llama and a char-level tokenizer with a chat template, saved to disk."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    chars = list(string.digits + string.ascii_letters + " +-=?.:<>/\n")
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+        chat_template="{% for m in messages %}Q:{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}",
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _register_test_envs():
+    from wapo.envs.base import ENVIRONMENTS, Environment, RewardResult
+
+    if "test_digit" in ENVIRONMENTS:
+        return
+
+    @dataclass
+    class DigitEnv(Environment):
+        """Reward 1 when the completion starts with a lowercase letter or a digit.
+
+        A random tiny model at a high temperature does that about half of the time, so
+        groups have mixed rewards and every objective has rows to train on.
+        """
+
+        raise_every: int = 0
+        """Raise in reward() for every n-th call (0 = never)."""
+
+        def __post_init__(self):
+            self.calls = 0
+
+        def train_set(self):
+            return [{"question": f"say {d}", "answer": str(d)} for d in range(10)]
+
+        def eval_set(self):
+            return [{"question": f"say {d}", "answer": str(d)} for d in range(3)]
+
+        def prompt(self, sample):
+            return [{"role": "user", "content": sample["question"]}]
+
+        def reward(self, sample, completion):
+            self.calls += 1
+            if self.raise_every and self.calls % self.raise_every == 0:
+                raise ZeroDivisionError("grader bug")
+            ok = completion[:1] in string.ascii_lowercase + string.digits
+            return RewardResult(float(ok), ok, "correct" if ok else "wrong answer")
+
+    ENVIRONMENTS.register("test_digit")(DigitEnv)
+
+
+_register_test_envs()

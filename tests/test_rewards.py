@@ -1,0 +1,231 @@
+"""Reward functions: extraction, math equivalence (and its time bound), grading, QA EM / F1."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from wapo.rewards import extract_answer, grade_math, last_boxed, math_equal, qa_exact_match, qa_f1
+
+# --- extraction ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("so the answer is \\boxed{42}.", "42"),
+        ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # the last box
+        ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),  # nested braces
+        ("$\\boxed 5$", "5"),
+        ("<answer> Paris </answer>", "Paris"),
+        ("<answer>1</answer> <answer>2</answer>", "2"),
+        ("<answer>7", "7"),  # generation stopped at the closing tag
+        ("<answer>\\boxed{3}</answer>", "3"),  # \boxed is tried first
+        ("3 + 5 = <<3+5=8>>8\n#### 8", "8"),
+        ("#### 1,234\nthanks", "1,234"),
+        ("we get 12 then 1,234.5 apples.", "1234.5"),  # last number, commas removed
+        ("half is 3/4", "3/4"),
+        ("it is -7", "-7"),
+        ("5-3=2", "2"),  # a minus between operands is not a sign
+        ("\\boxed{3", "3"),  # an unclosed box is no box: the last number
+    ],
+)
+def test_extract_answer_finds(text: str, expected: str) -> None:
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "no numbers here", "\\boxed{}", "<answer></answer>", "\\boxed{x", "{" * 10_000, "<answer>" * 10_000],
+)
+def test_extract_answer_finds_nothing(text: str) -> None:
+    assert extract_answer(text) is None
+
+
+def test_last_boxed_handles_unclosed_and_empty() -> None:
+    assert last_boxed("\\boxed{a{b}c}") == "a{b}c"
+    assert last_boxed("\\boxed{open") is None
+    assert last_boxed("no box") is None
+
+
+# --- math equivalence ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        ("1/2", "0.5"),
+        ("\\frac{1}{2}", "0.5"),
+        ("\\dfrac{1}{2}", "\\frac12"),
+        ("x=3", "3"),
+        ("1,000", "1000"),
+        ("18.0", "18"),
+        ("$42$", "42"),
+        ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"),
+        ("1+x^2", "x^2+1"),
+        ("\\{2,1\\}", "\\{1,2\\}"),
+        ("2\\pi", "6.283185307"),  # math-verify rounds to 6 decimals
+    ],
+)
+def test_math_equal_true(pred: str, gold: str) -> None:
+    assert math_equal(pred, gold)
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [("3", "4"), ("0.5", "0.25"), ("\\frac{1}{3}", "\\frac{1}{2}"), ("x^2", "x^3"), ("", "3"), ("-3", "3")],
+)
+def test_math_equal_false(pred: str, gold: str) -> None:
+    assert not math_equal(pred, gold)
+
+
+HOSTILE = {
+    "exponent tower": "\\boxed{9^{9^{9^{9}}}}",
+    "bare tower": "\\boxed{9^9^9}",
+    "huge exponent": "\\boxed{9^{99999999}}",
+    "huge factorial": "\\boxed{10000000!}",
+    "huge binomial": "\\boxed{\\binom{10000000}{5000000}}",
+    "expanded power": "\\boxed{(a+b+c+d)^{50}}",
+    "100 kB of digits": "1" * 100_000,
+    "100 kB in a box": "\\boxed{" + "1" * 100_000 + "}",
+    "10,000 open braces": "{" * 10_000,
+    "10,000 nested braces in a box": "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
+    "30 nested parentheses": "\\boxed{" + "(" * 30 + "1" + ")" * 30 + "}",
+}
+TIME_BOUND_S = 2.0  # generous: each is refused by a pre-check in well under a millisecond
+
+
+def grade_hostile() -> dict[str, tuple[float, float]]:
+    """name -> (score, seconds) of each hostile completion against gold "3"."""
+    timings = {}
+    for name, completion in HOSTILE.items():
+        start = time.perf_counter()
+        score = grade_math(completion, "3").score
+        timings[name] = (score, time.perf_counter() - start)
+    return timings
+
+
+def test_hostile_answers_score_zero_quickly_in_the_main_thread() -> None:
+    for name, (score, seconds) in grade_hostile().items():
+        assert score == 0.0, name
+        assert seconds < TIME_BOUND_S, (name, seconds)
+
+
+def test_hostile_answers_score_zero_quickly_in_a_worker_thread() -> None:
+    results: dict[str, tuple[float, float]] = {}
+    worker = threading.Thread(target=lambda: results.update(grade_hostile()))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and results.keys() == HOSTILE.keys()
+    for name, (score, seconds) in results.items():
+        assert score == 0.0, name
+        assert seconds < TIME_BOUND_S, (name, seconds)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("9^{9^{9}}", "answer refused: exponent tower"),
+        ("9^9^9", "answer refused: exponent tower"),
+        ("2^{1000000}", "answer refused: exponent above 100000"),
+        ("(1+x)^{11}", "answer refused: exponent above 10"),
+        ("10000000!", "answer refused: factorial or binomial of more than 100000"),
+        ("((((((((1))))))))", "answer refused: brackets nested deeper than 6"),
+        ("x" * 301, "answer refused: longer than 300 characters"),
+    ],
+)
+def test_refusals_say_why(answer: str, reason: str) -> None:
+    assert grade_math(f"\\boxed{{{answer}}}", "3").reason == reason
+
+
+def test_slow_comparison_times_out_and_the_grader_recovers() -> None:
+    # Passes every pre-check but expands to ~3000 terms: about 9 s in SymPy.
+    start = time.perf_counter()
+    result = grade_math("\\boxed{(a+b+c+d+e+f)^{10}}", "3", timeout_s=0.5)
+    assert (result.score, result.reason) == (0.0, "grader timeout")
+    assert time.perf_counter() - start < TIME_BOUND_S
+    assert math_equal("\\frac{1}{2}", "0.5")  # a fresh grader process answers
+
+
+def test_math_equal_from_many_threads() -> None:
+    # thread i checks i/2 == i * 0.5, then i/2 != i * 0.5 + 1
+    results: list[tuple[bool, bool]] = [(False, True)] * 6
+
+    def check(i: int) -> None:
+        results[i] = (math_equal(f"\\frac{{{i}}}{{2}}", str(i * 0.5)), math_equal(f"\\frac{{{i}}}{{2}}", str(i * 0.5 + 1)))
+
+    threads = [threading.Thread(target=check, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [(True, False)] * 6
+
+
+# --- grading -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "weight", "score", "correct", "reason"),
+    [
+        ("so \\boxed{\\frac{1}{2}}", "0.5", 0.0, 1.0, True, "correct"),
+        ("so \\boxed{3}", "4", 0.0, 0.0, False, "wrong answer"),
+        ("I am not sure", "4", 0.0, 0.0, False, "no answer found"),
+        ("it is 4", "4", 0.0, 1.0, True, "correct"),  # the last number counts as the answer
+        # with format weight w = 0.1: score = 0.9 * correct + 0.1 * formatted
+        ("<answer>4</answer>", "4", 0.1, 1.0, True, "correct"),
+        ("it is 4", "4", 0.1, 0.9, False, "correct answer, unrecognised format"),
+        ("\\boxed{5}", "4", 0.1, 0.1, False, "wrong answer"),
+        ("#### 5", "4", 0.1, 0.1, False, "wrong answer"),
+        ("it is 5", "4", 0.1, 0.0, False, "wrong answer"),
+    ],
+)
+def test_grade_math(completion: str, gold: str, weight: float, score: float, correct: bool, reason: str) -> None:
+    result = grade_math(completion, gold, format_weight=weight)
+    assert result.score == pytest.approx(score)
+    assert (result.correct, result.reason) == (correct, reason)
+
+
+def test_grade_math_reports_the_extracted_answer_and_checks_the_weight() -> None:
+    assert grade_math("\\boxed{7}", "7").extracted == "7"
+    with pytest.raises(ValueError, match="format_weight"):
+        grade_math("\\boxed{7}", "7", format_weight=1.5)
+
+
+# --- question answering --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pred", "golds", "em"),
+    [
+        ("Paris", ["paris"], 1.0),
+        ("The Eiffel Tower!", ["eiffel tower"], 1.0),  # case, punctuation and articles dropped
+        ("an  apple", ["apple"], 1.0),
+        ("Paris, France", ["Paris"], 0.0),
+        ("Lyon", ["Paris", "lyon"], 1.0),  # max over golds
+        ("Paris", [], 0.0),
+    ],
+)
+def test_qa_exact_match(pred: str, golds: list[str], em: float) -> None:
+    assert qa_exact_match(pred, golds) == em
+
+
+@pytest.mark.parametrize(
+    ("pred", "golds", "f1"),
+    [
+        ("hello world", ["hello"], 2 / 3),  # P = 1/2, R = 1 -> 2 * 1/2 / (3/2) = 2/3
+        ("hello", ["hello world"], 2 / 3),  # P = 1, R = 1/2
+        ("the cat sat", ["a cat sat down"], 0.8),  # tokens cat sat | cat sat down: P = 1, R = 2/3 -> 0.8
+        ("new york city", ["york", "new york city"], 1.0),  # max over golds
+        ("a a b", ["a b b"], 2 / 3),  # articles vanish: "b" vs "b b": P = 1, R = 1/2 -> 2/3
+        ("b b c", ["b c c"], 2 / 3),  # shared with multiplicity: b 1 + c 1 = 2; P = R = 2/3
+        ("x y", ["z"], 0.0),
+        ("the", ["a"], 1.0),  # both normalise to nothing (SQuAD v2)
+        ("the", ["paris"], 0.0),
+        ("paris", [], 0.0),
+    ],
+)
+def test_qa_f1(pred: str, golds: list[str], f1: float) -> None:
+    assert qa_f1(pred, golds) == pytest.approx(f1)

@@ -1,0 +1,123 @@
+"""The `wapo` command: train, eval, serve-retriever.
+
+    wapo train                                  # WAPO on 1-digit addition with the built-in model
+    wapo train --loss grpo --steps 3 --lr 1e-5 --output-dir runs/x
+    wapo train --config my.toml --env rg:chain_sum --env-options size=3
+    wapo train --resume runs/x                  # continue from its last checkpoint
+    wapo eval --checkpoint runs/x               # held-out accuracy of a run's last checkpoint
+    wapo serve-retriever --corpus corpus.jsonl  # BM25 search server (Search-R1 contract)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from wapo import config as cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see the Makefile: spin-waiting costs 14x here
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (cfg.ConfigError, KeyError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"wapo {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wapo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a policy (default: WAPO, built-in model, 1-digit addition)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--config", help="TOML or YAML file with [model], [env], [sampling], [algorithm], "
+                                        "[optim], [run] sections; flags override it")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    cfg.add_flags(train)
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="greedy accuracy and pass@k of a model or checkpoint on an environment")
+    ev.add_argument("--checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
+                    help="a run folder (its last checkpoint) or one checkpoint folder; model/env from its config")
+    ev.add_argument("--config", help="config file (as for train)")
+    cfg.add_flags(ev)
+    ev.set_defaults(func=_eval)
+
+    from wapo.retrieval import add_serve_parser
+
+    add_serve_parser(sub)
+    return parser
+
+
+def _config_from(args: argparse.Namespace, base: cfg.TrainConfig | None = None) -> cfg.TrainConfig:
+    config = base or cfg.TrainConfig()
+    if getattr(args, "config", None):
+        config = cfg.from_dict(cfg.load_file(args.config), config)
+    return cfg.from_dict(cfg.overrides_from_args(args), config)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from wapo.trainer import train
+
+    base = None
+    if args.resume:
+        saved = Path(args.resume) / "config.toml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"{saved} not found: is {args.resume} a wapo run folder?")
+        base = cfg.from_dict(cfg.load_file(saved))
+    config = _config_from(args, base)
+    run_dir, evals = train(config, resume=args.resume)
+    print(f"Run folder: {run_dir}")
+    if "before" in evals and "after" in evals:
+        print("Held-out accuracy:")
+        for key in evals["after"]:
+            if key != "n":
+                print(f"  {key:>18}: {evals['before'][key]:.3f} -> {evals['after'][key]:.3f}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from wapo import checkpoint
+    from wapo.envs import make_env
+    from wapo.evaluate import evaluate
+    from wapo.models import load_policy, load_tokenizer, resolve_device
+
+    base, ckpt = None, None
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        run_dir = path if (path / "config.toml").is_file() else path.parent.parent
+        base = cfg.from_dict(cfg.load_file(run_dir / "config.toml"))
+        ckpt = checkpoint.latest(path) if (path / "checkpoints").is_dir() else path
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint under {path}")
+    config = _config_from(args, base)
+    env = make_env(config.env.env, config.env.env_options)
+    torch.manual_seed(config.run.seed)
+    tokenizer = load_tokenizer(config.model.model)
+    model = load_policy(config.model.model, device=resolve_device(config.model.device),
+                        lora_rank=config.model.lora_rank, lora_alpha=config.model.lora_alpha)
+    if ckpt is not None:
+        checkpoint.load_weights(ckpt, model)
+    s = config.sampling
+    results = evaluate(model, tokenizer, env, list(env.eval_set())[: config.run.eval_size], k=config.run.eval_samples,
+                       temperature=s.temperature, max_new_tokens=s.max_new_tokens, top_p=s.top_p,
+                       max_observation_tokens=s.max_observation_tokens)
+    print(json.dumps({"model": config.model.model, "checkpoint": str(ckpt) if ckpt else None,
+                      "env": config.env.env, **results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

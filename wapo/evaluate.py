@@ -1,0 +1,29 @@
+"""Held-out evaluation: greedy accuracy and pass@k on sampled answers."""
+
+from __future__ import annotations
+
+from wapo.envs.base import Environment, Sample
+from wapo.sampling import rollout
+from wapo.scoring import score_episodes
+
+
+def evaluate(model, tokenizer, env: Environment, samples: list[Sample], *, k: int, temperature: float,
+             max_new_tokens: int, top_p: float = 1.0, max_observation_tokens: int = 256,
+             batch_prompts: int = 32) -> dict[str, float]:
+    """greedy_accuracy, pass@k (any of k samples correct), sampled_accuracy (mean over samples)."""
+    greedy, passed, sampled = 0, 0, 0
+    for start in range(0, len(samples), batch_prompts):
+        chunk = samples[start:start + batch_prompts]
+        kwargs = dict(max_new_tokens=max_new_tokens, top_p=top_p, max_observation_tokens=max_observation_tokens)
+        g = rollout(model, tokenizer, env, chunk, samples_per_prompt=1, temperature=0.0, **kwargs)
+        greedy += sum(r.correct for r in score_episodes(env, chunk, g, 1).results)
+        if k > 0:
+            s = rollout(model, tokenizer, env, chunk, samples_per_prompt=k, temperature=temperature, **kwargs)
+            correct = [r.correct for r in score_episodes(env, chunk, s, k).results]
+            sampled += sum(correct)
+            passed += sum(any(correct[i * k:(i + 1) * k]) for i in range(len(chunk)))
+    n = max(len(samples), 1)
+    out = {"greedy_accuracy": greedy / n, "n": len(samples)}
+    if k > 0:
+        out.update({f"pass@{k}": passed / n, "sampled_accuracy": sampled / (n * k)})
+    return out

@@ -1,0 +1,130 @@
+"""The run folder's logs: metrics.jsonl, completions.jsonl, TensorBoard events, PNG plots.
+
+metrics.jsonl holds one JSON object per step with stable keys (docs/metrics.md lists them);
+NaN (an empty taxonomy bin) is written as null. On resume, lines past the checkpoint's step
+are dropped first, so the file never holds a step twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard: bool = True):
+        self.dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.completions_path = run_dir / "completions.jsonl"
+        if resume_step is not None:
+            for path in (self.metrics_path, self.completions_path):
+                _truncate_after(path, resume_step)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log_step(self, step: int, metrics: dict) -> dict:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key.replace("_", "/", 1) if key.startswith(_TB_GROUPS) else key, value, step)
+        return row
+
+    def log_completions(self, step: int, items: list[dict]) -> None:
+        with self.completions_path.open("a") as f:
+            for item in items:
+                f.write(json.dumps({"step": step, **item}) + "\n")
+
+    def log_eval(self, step: int, name: str, results: dict) -> None:
+        with (self.dir / "eval.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "when": name, **results}) + "\n")
+        if self._tb is not None:
+            for key, value in results.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"eval/{key}", value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+_TB_GROUPS = ("reward_", "time_", "clip_", "ratio_", "pos_", "neg_", "zero_")
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """PNG plots of a run: reward/accuracy, entropy, taxonomy bins over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        return []
+    steps = [r["step"] for r in rows]
+
+    def series(key):
+        return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+
+    out = []
+    panels = {
+        "reward.png": ("Reward and accuracy", ["reward_mean", "accuracy", "mixed_group_frac"]),
+        "entropy.png": ("Policy entropy of sampled tokens", ["entropy", "completion_len"]),
+    }
+    for name, (title, keys) in panels.items():
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            ax.plot(steps, series(key), marker=".")
+            ax.set_title(key)
+            ax.set_xlabel("step")
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=100)
+        plt.close(fig)
+        out.append(run_dir / name)
+
+    from wapo.taxonomy import BINS
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for b in BINS:
+        left.plot(steps, series(f"{b}_frac"), marker=".", label=b)
+        right.plot(steps, series(f"{b}_pred_dentropy"), marker=".", label=b)
+    left.set_title("token fraction per bin")
+    right.set_title("mean predicted ΔH per unit ηA")
+    right.axhline(0, color="grey", lw=0.5)
+    for ax in (left, right):
+        ax.set_xlabel("step")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run_dir / "taxonomy.png", dpi=100)
+    plt.close(fig)
+    out.append(run_dir / "taxonomy.png")
+    return out

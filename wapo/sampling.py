@@ -1,0 +1,187 @@
+"""Sampling: batched generation with behaviour log-probabilities, and multi-turn episodes.
+
+`generate` runs all prompts × samples as one left-padded batch with explicit position ids and
+a KV cache. At each step it keeps only the sampled token's log-probability (at the sampling
+temperature, of the untruncated distribution, as TRL and verl record it), never a
+vocabulary-sized tensor per step.
+
+`rollout` plays episodes: single-turn environments are one `generate` call; multi-turn ones
+alternate model turns (ended by EOS, a stop string or the budget) with the environment's
+replies, which enter the context as tokens with mask 0 (they are not the policy's actions).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from wapo.envs.base import Environment, Sample
+
+
+@dataclass
+class Episode:
+    """One completion: model tokens (mask 1) and environment tokens (mask 0) after the prompt."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int] = field(default_factory=list)
+    completion_mask: list[bool] = field(default_factory=list)
+    behaviour_logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    """Ended by EOS, an answer or the environment; False means the budget ran out (truncated)."""
+    turns: int = 0
+
+    @property
+    def model_tokens(self) -> int:
+        return sum(self.completion_mask)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    stopped: list[bool]
+    """True when the row ended with EOS or a stop string (not the budget)."""
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list[int] | int,
+             temperature: float, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
+             generator: torch.Generator | None = None) -> Generation:
+    """Sample continuations of token-id prompts; temperature 0 means greedy.
+
+    Rows stop at EOS (kept as the last token), at a stop string (decoded text ends with it)
+    or at their own `max_new_tokens`.
+    """
+    device = next(model.parameters()).device
+    n = len(prompts)
+    budgets = torch.as_tensor([max_new_tokens] * n if isinstance(max_new_tokens, int) else max_new_tokens)
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((n, width), pad, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.as_tensor(p)
+        attention[i, width - len(p):] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    eos = torch.as_tensor(sorted(_eos_ids(model, tokenizer)), device=device)
+
+    was_training = model.training
+    model.eval()
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    stopped = [False] * n
+    done = budgets.to(device) <= 0
+    cache, cache_arg = None, _cache_argument(model)
+    step_ids, step_pos = input_ids, positions
+    for t in range(int(budgets.max())):
+        out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos,
+                    use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        cache = out.past_key_values
+        next_ids, next_logp = _sample(out.logits[:, -1].float(), temperature, top_p, generator)
+        alive = (~done).nonzero().flatten().tolist()
+        ids_cpu, logp_cpu = next_ids.tolist(), next_logp.tolist()
+        for i in alive:
+            tokens[i].append(ids_cpu[i])
+            logprobs[i].append(logp_cpu[i])
+        hit_eos = torch.isin(next_ids, eos) & ~done
+        for i in hit_eos.nonzero().flatten().tolist():
+            stopped[i] = True
+        if stop_strings:
+            for i in alive:
+                if not stopped[i] and _ends_with_stop(tokenizer, tokens[i], stop_strings):
+                    stopped[i] = True
+        done = done | hit_eos | torch.as_tensor(stopped, device=device)
+        done = done | (torch.as_tensor([len(x) for x in tokens], device=device) >= budgets.to(device))
+        if bool(done.all()):
+            break
+        step_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids).unsqueeze(-1)
+        attention = torch.cat([attention, (~done).long().unsqueeze(-1)], dim=-1)
+        step_pos = step_pos[:, -1:] + 1
+    model.train(was_training)
+    return Generation(tokens=tokens, logprobs=logprobs, stopped=stopped)
+
+
+def _cache_argument(model) -> str:
+    """transformers 5 renamed `past_key_values` to `cache`; accept either version."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (n,) and their log-probabilities at the temperature (untruncated)."""
+    if temperature == 0:
+        ids = logits.argmax(-1)
+        return ids, torch.zeros_like(ids, dtype=torch.float32)
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(outside, 0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
+    return {i for i in ids if i is not None}
+
+
+def _ends_with_stop(tokenizer, ids: list[int], stop_strings: tuple[str, ...]) -> bool:
+    tail = tokenizer.decode(ids[-8:], skip_special_tokens=True)  # stop strings are short
+    return any(tail.endswith(s) for s in stop_strings)
+
+
+def prompt_ids(tokenizer, env: Environment, sample: Sample) -> list[int]:
+    """The sample's chat messages through the tokenizer's chat template, ready to generate."""
+    ids = tokenizer.apply_chat_template(env.prompt(sample), add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, samples_per_prompt: int,
+            max_new_tokens: int, temperature: float, top_p: float = 1.0, max_observation_tokens: int = 256,
+            generator: torch.Generator | None = None) -> list[Episode]:
+    """`samples_per_prompt` episodes per sample, rows of one sample adjacent (one group)."""
+    rows = [s for s in samples for _ in range(samples_per_prompt)]
+    episodes = [Episode(prompt_ids=prompt_ids(tokenizer, env, s)) for s in rows]
+    active = list(range(len(episodes)))
+    for _ in range(max(env.max_turns, 1)):
+        if not active:
+            break
+        gen = generate(
+            model, tokenizer, [episodes[i].prompt_ids + episodes[i].completion_ids for i in active],
+            max_new_tokens=[max_new_tokens - episodes[i].model_tokens for i in active],
+            temperature=temperature, top_p=top_p, stop_strings=env.stop_strings, generator=generator,
+        )
+        still_active = []
+        for row, i in enumerate(active):
+            ep = episodes[i]
+            ep.turns += 1
+            ep.completion_ids += gen.tokens[row]
+            ep.completion_mask += [True] * len(gen.tokens[row])
+            ep.behaviour_logprobs += gen.logprobs[row]
+            ep.text = tokenizer.decode(ep.completion_ids, skip_special_tokens=True)
+            ep.finished = gen.stopped[row]
+            if not gen.stopped[row] or ep.model_tokens >= max_new_tokens or env.max_turns <= 1:
+                continue
+            reply = env.observe(rows[i], ep.text)
+            if reply is None:
+                continue
+            obs = tokenizer.encode(reply, add_special_tokens=False)[:max_observation_tokens]
+            ep.completion_ids += obs
+            ep.completion_mask += [False] * len(obs)
+            ep.behaviour_logprobs += [0.0] * len(obs)
+            ep.finished = False  # the model still has to answer
+            still_active.append(i)
+        active = still_active
+    for ep in episodes:
+        ep.text = tokenizer.decode(ep.completion_ids, skip_special_tokens=True)
+    return episodes
