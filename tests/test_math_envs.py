@@ -66,7 +66,9 @@ def test_arithmetic_prompt_poses_the_question(arithmetic: ArithmeticEnv) -> None
         ("no idea", 0.0, False, "no answer found"),
     ],
 )
-def test_arithmetic_reward(arithmetic: ArithmeticEnv, completion: str, score: float, correct: bool, reason: str) -> None:
+def test_arithmetic_reward(
+    arithmetic: ArithmeticEnv, completion: str, score: float, correct: bool, reason: str
+) -> None:
     sample = arithmetic.eval_set()[0]
     text = completion.format(expression=sample["metadata"]["expression"], answer=sample["answer"])
     result = arithmetic.reward(sample, text)
@@ -156,7 +158,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_math_gold_falls_back_to_the_last_box(tmp_path: Path) -> None:
-    rows = [{"problem": f"What is {i} + {i}?", "solution": f"\\boxed{{1}} no, \\boxed{{{2 * i}}}"} for i in range(5)]
+    rows = [{"problem": f"{i} + {i}?", "solution": f"\\boxed{{1}} no, \\boxed{{{2 * i}}}"} for i in range(5)]
     env = MathEnv(path=str(write_jsonl(tmp_path / "math.jsonl", rows)), eval_size=1)
     assert sorted(int(s["answer"]) for s in env.train_set() + env.eval_set()) == [0, 2, 4, 6, 8]
 
@@ -183,7 +185,7 @@ def test_parquet_file(tmp_path: Path) -> None:
     parquet = pytest.importorskip("pyarrow.parquet")
     import pyarrow
 
-    rows = [{"problem": f"What is {i} + 1?", "solution": f"\\boxed{{{i + 1}}}", "answer": str(i + 1)} for i in range(5)]
+    rows = [{"problem": f"{i} + 1?", "solution": f"\\boxed{{{i + 1}}}", "answer": str(i + 1)} for i in range(5)]
     parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "math.parquet")
     assert load_rows(tmp_path / "math.parquet") == rows
 

@@ -154,7 +154,8 @@ def test_math_equal_from_many_threads() -> None:
     results: list[tuple[bool, bool]] = [(False, True)] * 6
 
     def check(i: int) -> None:
-        results[i] = (math_equal(f"\\frac{{{i}}}{{2}}", str(i * 0.5)), math_equal(f"\\frac{{{i}}}{{2}}", str(i * 0.5 + 1)))
+        half = f"\\frac{{{i}}}{{2}}"
+        results[i] = (math_equal(half, str(i * 0.5)), math_equal(half, str(i * 0.5 + 1)))
 
     threads = [threading.Thread(target=check, args=(i,)) for i in range(6)]
     for thread in threads:
@@ -182,7 +183,9 @@ def test_math_equal_from_many_threads() -> None:
         ("it is 5", "4", 0.1, 0.0, False, "wrong answer"),
     ],
 )
-def test_grade_math(completion: str, gold: str, weight: float, score: float, correct: bool, reason: str) -> None:
+def test_grade_math(
+    completion: str, gold: str, weight: float, score: float, correct: bool, reason: str
+) -> None:
     result = grade_math(completion, gold, format_weight=weight)
     assert result.score == pytest.approx(score)
     assert (result.correct, result.reason) == (correct, reason)

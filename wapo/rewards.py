@@ -76,7 +76,8 @@ def extract_answer(text: str) -> str | None:
 
 def _extract(text: str) -> tuple[str | None, str | None]:
     """(answer, format) where format is "boxed", "answer_tag", "hashes", "last_number" or None."""
-    for fmt, find in (("boxed", last_boxed), ("answer_tag", _last_answer_tag), ("hashes", _after_hashes)):
+    finders = (("boxed", last_boxed), ("answer_tag", _last_answer_tag), ("hashes", _after_hashes))
+    for fmt, find in finders:
         found = find(text)
         if found:
             return found, fmt
@@ -311,13 +312,14 @@ class _GraderProcess:
         self._process = subprocess.Popen(
             [sys.executable, "-c", f"from wapo.rewards import _serve; _serve({fd})"],
             pass_fds=[fd],
+            stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)},
         )
         child_end.close()
         self._conn = Connection(parent_end.detach())
         if not self._conn.poll(self.STARTUP_TIMEOUT_S) or self._conn.recv() != "ready":
             self._stop()
-            raise RuntimeError(f"the math grader process did not start within {self.STARTUP_TIMEOUT_S} s")
+            raise RuntimeError(f"the math grader process did not start in {self.STARTUP_TIMEOUT_S} s")
         return self._conn
 
     def _stop(self) -> None:
@@ -377,9 +379,9 @@ def grade_math(
     with w = `format_weight` in [0, 1] and the recognised formats in `FORMATTED` (the last
     number in the text is accepted as the answer but earns no format reward). With w > 0 the
     format term rewards a boxed answer even when it is wrong: that is the point, it teaches
-    the format before the model can solve the problems; keep w small (e.g. 0.1) so that a
-    right answer always beats a well-formatted wrong one. `correct` is True only on full
-    score, so with w > 0 a right but unformatted answer is not counted as correct.
+    the format before the model can solve the problems; keep w small (e.g. 0.1, and below
+    1/2 so that a right answer always beats a well-formatted wrong one). `correct` is True
+    only on full score, so with w > 0 a right but unformatted answer is not counted correct.
     """
     if not 0.0 <= format_weight <= 1.0:
         raise ValueError(f"format_weight must be in [0, 1], got {format_weight}")
@@ -388,10 +390,11 @@ def grade_math(
         return RewardResult(score=0.0, correct=False, reason="no answer found")
     equal, reason = _compare(answer, gold, timeout_s=timeout_s)
     formatted = fmt in FORMATTED
-    score = (1.0 - format_weight) * equal + format_weight * formatted
-    if equal and format_weight > 0 and not formatted:
+    correct = equal and (formatted or format_weight == 0.0)  # full score, without float round-off
+    score = 1.0 if correct else (1.0 - format_weight) * equal + format_weight * formatted
+    if equal and not correct:
         reason = "correct answer, unrecognised format"
-    return RewardResult(score=score, correct=score == 1.0, reason=reason, extracted=answer)
+    return RewardResult(score=score, correct=correct, reason=reason, extracted=answer)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,6 +161,10 @@ class Trainer:
         skipped = sorted(set(all_rows) - set(trained))
         diag = _Diagnostics(batch)
         out = {"backward_rows": len(trained), "skipped_rows": len(skipped)}
+        if alg.diagnose_skipped_rows and skipped:  # before the update: the policy that sampled them
+            with torch.no_grad():
+                for rows in batch.micro_batches(skipped, cfg.optim.micro_batch_size):
+                    diag.add(rows, self._stats(batch, rows), None)
         for epoch in range(alg.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
@@ -192,10 +196,6 @@ class Trainer:
             self.optimizer.step()  # parameters without a gradient (nothing trained) stay as they are
             if epoch == 0:
                 out["grad_norm"] = grad_norm.item()
-        if alg.diagnose_skipped_rows and skipped:
-            with torch.no_grad():
-                for rows in batch.micro_batches(skipped, cfg.optim.micro_batch_size):
-                    diag.add(rows, self._stats(batch, rows), None)
         out.update(diag.summary())
         return out
 

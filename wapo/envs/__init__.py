@@ -22,7 +22,15 @@ from wapo.envs.base import Environment, Messages, RewardResult, Sample
 from wapo.envs.base import ENVIRONMENTS as _REGISTRY
 from wapo.registry import Registry
 
-__all__ = ["ENVIRONMENTS", "Environment", "Messages", "RewardResult", "Sample", "load_environments", "make_env"]
+__all__ = [
+    "ENVIRONMENTS",
+    "Environment",
+    "Messages",
+    "RewardResult",
+    "Sample",
+    "load_environments",
+    "make_env",
+]
 
 RG_PREFIX = "rg:"
 """`rg:<dataset>` is shorthand for the "rg" environment with `dataset=<dataset>`."""
@@ -50,7 +58,9 @@ def make_env(name: str, options: dict[str, Any] | None = None) -> Environment:
     valid = sorted(field.name for field in dataclasses.fields(cls) if field.init)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for environment {name!r}; valid: {', '.join(valid)}")
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for environment {name!r}; valid: {', '.join(valid)}"
+        )
     return cls(**options)
 
 

@@ -55,7 +55,7 @@ def math_sample(row: Row) -> Sample:
     if gold is None or gold == "":
         gold = last_boxed(row["solution"])
     if gold is None or gold == "":
-        raise ValueError(f"MATH row with neither 'answer' nor a \\boxed{{}} solution: {row['problem'][:80]!r}")
+        raise ValueError(f"MATH row with no 'answer' and no \\boxed{{}} solution: {row['problem'][:80]!r}")
     extra = {key: value for key, value in row.items() if key not in ("problem", "answer")}
     return {"question": row["problem"], "answer": str(gold), **extra}
 
@@ -145,7 +145,7 @@ class MathFileEnv(Environment):
         distinct = list({sample["question"]: sample for sample in samples}.values())
         eval_size = max(1, len(distinct) // 5) if self.eval_size is None else self.eval_size
         if not 0 < eval_size < len(distinct):
-            raise ValueError(f"cannot hold out {eval_size} of {len(distinct)} distinct problems in {self.path}")
+            raise ValueError(f"cannot hold out {eval_size} of the {len(distinct)} problems in {self.path}")
         shuffled = self._shuffled(distinct)
         return shuffled[eval_size:], shuffled[:eval_size]
 

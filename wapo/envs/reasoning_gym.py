@@ -74,8 +74,8 @@ class ReasoningGymEnv(Environment):
         self._scorer = _create(self.dataset, size=1, seed=0, config=self.config).score_answer
         held_out = _distinct(self._stream("eval", self.eval_size), self.eval_size)
         questions = {item["question"] for item in held_out}
-        train = (item for item in self._stream("train", self.train_size) if item["question"] not in questions)
-        self._train = _take(train, self.train_size)
+        stream = self._stream("train", self.train_size)
+        self._train = _take((item for item in stream if item["question"] not in questions), self.train_size)
         self._eval = held_out
 
     def _stream(self, split: str, wanted: int) -> Iterator[Sample]:
@@ -96,7 +96,8 @@ class ReasoningGymEnv(Environment):
 
     def reward(self, sample: Sample, completion: str) -> RewardResult:
         """score_answer on the leniently extracted answer (`extract_final_answer`)."""
-        answer = extract_final_answer(completion, numeric=bool(_NUMBER.fullmatch(sample["answer"].strip())))
+        numeric = bool(_NUMBER.fullmatch(sample["answer"].strip()))
+        answer = extract_final_answer(completion, numeric=numeric)
         if answer is None:
             return RewardResult(score=0.0, correct=False, reason="no answer found")
         score = float(self._scorer(answer, sample))
@@ -144,7 +145,8 @@ def _create(name: str, *, size: int, seed: int, config: dict[str, Any]) -> Any:
         return reasoning_gym.create_dataset(name, size=size, seed=seed, **config)
     except TypeError as error:  # an unknown config key; list the valid ones
         config_fields = sorted(DATASETS[name][1].__dataclass_fields__)
-        raise ValueError(f"bad config for {name!r} ({error}); its fields: {', '.join(config_fields)}") from error
+        message = f"bad config for {name!r} ({error}); its fields: {', '.join(config_fields)}"
+        raise ValueError(message) from error
 
 
 def _distinct(items: Iterator[Sample], wanted: int) -> list[Sample]:
