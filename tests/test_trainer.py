@@ -145,3 +145,49 @@ def test_evaluation_reports_greedy_and_pass_at_k(tiny_model_dir, tmp_path):
         assert 0 <= evals[when]["sampled_accuracy"] <= evals[when]["pass@2"] <= 1
     assert evals["before"]["greedy_accuracy"] == evals["after"]["greedy_accuracy"]  # no step in between
     assert not math.isnan(evals["after"]["greedy_accuracy"])
+
+
+@pytest.mark.parametrize("sections", [
+    {"algorithm": {"kl_beta": 0.1}},
+    {"algorithm": {"kl_beta": 0.1, "kl_estimator": "k1"}, "model": {"lora_rank": 4}},
+    {"model": {"gradient_checkpointing": True, "bf16": True, "bf16_sampling": True}},
+    {"algorithm": {"dynamic_sampling": True, "updates_per_batch": 2, "loss": "dapo"}},
+], ids=["kl", "lora+kl", "checkpointing+bf16", "dynamic-sampling+2-updates"])
+def test_training_options_run_and_train(tiny_model_dir, tmp_path, sections):
+    sections.setdefault("sampling", {})["temperature"] = 3.0
+    sections.setdefault("run", {})["seed"] = 1
+    trainer = build_trainer(_config(tiny_model_dir, tmp_path, **sections))
+    trainable = {k for k, p in trainer.model.named_parameters() if p.requires_grad}
+    before = _weights(trainer.model)
+    trainer.fit()
+    after = _weights(trainer.model)
+    changed = {k for k in trainable if not torch.equal(before[k], after[k])}
+    assert changed
+    if trainer.config.model.lora_rank:
+        assert all("lora_" in k for k in trainable)  # the base weights stay frozen
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    if trainer.config.algorithm.kl_beta:
+        assert all(r["kl_ref"] >= 0 for r in rows) and rows[0]["kl_ref"] < 1e-6  # step 1: still the reference
+    if trainer.config.model.bf16_sampling:  # the sampler follows the policy
+        for mine, theirs in zip(trainer.sampler.parameters(), trainer.model.parameters()):
+            torch.testing.assert_close(mine, theirs.to(torch.bfloat16))
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = build_trainer(_config(tiny_model_dir, tmp_path, run={"steps": 4, "checkpoint_every": 10}))
+    real = trainer.train_step
+
+    def interrupt_at_step_3(samples):
+        if trainer.progress.step == 2:
+            raise KeyboardInterrupt
+        return real(samples)
+
+    monkeypatch.setattr(trainer, "train_step", interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert (trainer.run_dir / "checkpoints" / "step_000002").is_dir()
+    resumed = build_trainer(trainer.config, resume=trainer.run_dir)
+    assert resumed.progress.step == 2
+    resumed.fit()
+    steps = [json.loads(line)["step"] for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -38,14 +38,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, progress: dict, *, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints."""
+def save(run_dir: Path, step: int, model, optimizer, scheduler, progress: dict, *, keep: int = 2,
+         rng: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints.
+
+    `rng`: the RNG states to restore (default: the current ones); an interrupted step passes
+    the states it started from, so resuming replays that step exactly.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     save_file(trainable_state(model), str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
                tmp / "trainer.pt")
     (tmp / "progress.json").write_text(json.dumps({**progress, "step": step}, indent=1))
     if target.exists():

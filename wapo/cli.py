@@ -38,8 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a policy (default: WAPO, built-in model, 1-digit addition)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser("train", help="train a policy (default: WAPO, built-in model, 1-digit addition)")
     train.add_argument("--config", help="TOML or YAML file with [model], [env], [sampling], [algorithm], "
                                         "[optim], [run] sections; flags override it")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")

@@ -31,7 +31,9 @@ class ModelConfig:
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda[:N]"."""
     bf16: bool = False
-    """Run forward/backward under bf16 autocast (weights and optimizer stay float32)."""
+    """Run the training forward/backward under bf16 autocast (weights and optimizer stay float32)."""
+    bf16_sampling: bool = False
+    """Sample with a bfloat16 copy of the policy, synced after every update (faster generation)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
     lora_rank: int = 0
@@ -62,8 +64,8 @@ class SamplingConfig:
     """Sampling temperature; log-probabilities and the taxonomy are taken at it."""
     top_p: float = 1.0
     """Nucleus sampling threshold (behaviour log-probabilities are of the untruncated distribution)."""
-    max_observation_tokens: int = 256
-    """Multi-turn environments: longest environment reply kept (tokens)."""
+    max_observation_tokens: int = 512
+    """Multi-turn environments: longest environment reply kept (tokens; its end is kept)."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    steps: int = 20
-    """Training steps (one sampled batch each)."""
+    steps: int = 10
+    """Training steps (one sampled batch each); the default run takes ~15 min on 2 CPU cores."""
     seed: int = 0
     """Seed of data order, sampling and initialisation."""
     output_dir: str = ""
@@ -296,6 +298,6 @@ def _field_docs() -> dict[str, str]:
             name = line.strip().split(":")[0]
             nxt = lines[i + 1].strip()
             if name.isidentifier() and nxt.startswith('"""'):
-                docs[name] = nxt.strip('"')
+                docs[name] = ast.literal_eval(nxt)
     return docs
 

@@ -344,9 +344,10 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, *, beta: fl
         per_token = torch.exp(diff) - diff - 1
     else:
         raise ValueError(f"unknown KL estimator {estimator!r}; known: k1, k3")
+    total = token_sum(per_token, mask)
     normalizer = _token_count(mask) if normalizer is None else normalizer
-    kl = token_sum(per_token, mask) / normalizer
-    return LossOutput(loss=beta * kl, metrics={"kl_ref": kl.detach()})
+    # the metric is this batch's own token mean, whatever normaliser the loss uses
+    return LossOutput(loss=beta * total / normalizer, metrics={"kl_ref": (total / _token_count(mask)).detach()})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,32 +74,31 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
     stopped = [False] * n
-    done = budgets.to(device) <= 0
+    rows = [i for i in range(n) if budgets[i] > 0]  # original index of each row still generating
+    keep = torch.as_tensor(rows, dtype=torch.long, device=device)
     cache, cache_arg = None, _cache_argument(model)
-    step_ids, step_pos = input_ids, positions
-    for t in range(int(budgets.max())):
+    step_ids, step_pos, attention = input_ids[keep], positions[keep], attention[keep]
+    while rows:
         out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos,
                     use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-        cache = out.past_key_values
+        cache = getattr(out, cache_arg)
         next_ids, next_logp = _sample(out.logits[:, -1].float(), temperature, top_p, generator)
-        alive = (~done).nonzero().flatten().tolist()
-        ids_cpu, logp_cpu = next_ids.tolist(), next_logp.tolist()
-        for i in alive:
-            tokens[i].append(ids_cpu[i])
-            logprobs[i].append(logp_cpu[i])
-        hit_eos = torch.isin(next_ids, eos) & ~done
-        for i in hit_eos.nonzero().flatten().tolist():
-            stopped[i] = True
-        if stop_strings:
-            for i in alive:
-                if not stopped[i] and _ends_with_stop(tokenizer, tokens[i], stop_strings):
-                    stopped[i] = True
-        done = done | hit_eos | torch.as_tensor(stopped, device=device)
-        done = done | (torch.as_tensor([len(x) for x in tokens], device=device) >= budgets.to(device))
-        if bool(done.all()):
-            break
-        step_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids).unsqueeze(-1)
-        attention = torch.cat([attention, (~done).long().unsqueeze(-1)], dim=-1)
+        finished = torch.isin(next_ids, eos).tolist()
+        for r, (i, tok, lp) in enumerate(zip(rows, next_ids.tolist(), next_logp.tolist())):
+            tokens[i].append(tok)
+            logprobs[i].append(lp)
+            if not finished[r] and stop_strings and _ends_with_stop(tokenizer, tokens[i], stop_strings):
+                finished[r] = True
+            stopped[i] = finished[r]
+        alive = [r for r, i in enumerate(rows) if not finished[r] and len(tokens[i]) < budgets[i]]
+        if len(alive) < len(rows):  # drop finished rows from the batch and the KV cache
+            keep = torch.as_tensor(alive, dtype=torch.long, device=device)
+            if alive:
+                cache.batch_select_indices(keep)
+            next_ids, attention, step_pos = next_ids[keep], attention[keep], step_pos[keep]
+            rows = [rows[r] for r in alive]
+        step_ids = next_ids.unsqueeze(-1)
+        attention = torch.cat([attention, torch.ones_like(step_ids)], dim=-1)
         step_pos = step_pos[:, -1:] + 1
     model.train(was_training)
     return Generation(tokens=tokens, logprobs=logprobs, stopped=stopped)
@@ -136,8 +135,20 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def _ends_with_stop(tokenizer, ids: list[int], stop_strings: tuple[str, ...]) -> bool:
-    tail = tokenizer.decode(ids[-8:], skip_special_tokens=True)  # stop strings are short
+    # a token covers at least one character, so this many tokens cover the longest stop string
+    tail = tokenizer.decode(ids[-max(map(len, stop_strings)):], skip_special_tokens=True)
     return any(tail.endswith(s) for s in stop_strings)
+
+
+OBSERVATION_TAIL_TOKENS = 8
+"""A cut environment reply keeps its last tokens, so its closing tag survives."""
+
+
+def _truncate(ids: list[int], limit: int) -> list[int]:
+    if len(ids) <= limit:
+        return ids
+    tail = min(OBSERVATION_TAIL_TOKENS, limit // 2)
+    return ids[: limit - tail] + ids[len(ids) - tail:]
 
 
 def prompt_ids(tokenizer, env: Environment, sample: Sample) -> list[int]:
@@ -153,7 +164,9 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
     rows = [s for s in samples for _ in range(samples_per_prompt)]
     episodes = [Episode(prompt_ids=prompt_ids(tokenizer, env, s)) for s in rows]
     active = list(range(len(episodes)))
-    for _ in range(max(env.max_turns, 1)):
+    eos = _eos_ids(model, tokenizer)
+    turns = max(env.max_turns, 1)
+    for turn in range(turns):
         if not active:
             break
         gen = generate(
@@ -168,14 +181,18 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             ep.completion_ids += gen.tokens[row]
             ep.completion_mask += [True] * len(gen.tokens[row])
             ep.behaviour_logprobs += gen.logprobs[row]
-            ep.text = tokenizer.decode(ep.completion_ids, skip_special_tokens=True)
             ep.finished = gen.stopped[row]
-            if not gen.stopped[row] or ep.model_tokens >= max_new_tokens or env.max_turns <= 1:
+            # only a turn ended by a stop string (not EOS, not the budget) is a tool call
+            tool_call = gen.stopped[row] and bool(gen.tokens[row]) and gen.tokens[row][-1] not in eos
+            if not tool_call or ep.model_tokens >= max_new_tokens or turns <= 1:
                 continue
-            reply = env.observe(rows[i], ep.text)
+            reply = env.observe(rows[i], tokenizer.decode(ep.completion_ids, skip_special_tokens=True))
             if reply is None:
                 continue
-            obs = tokenizer.encode(reply, add_special_tokens=False)[:max_observation_tokens]
+            if turn == turns - 1:  # no turn left to read the reply: the episode ran out of turns
+                ep.finished = False
+                continue
+            obs = _truncate(tokenizer.encode(reply, add_special_tokens=False), max_observation_tokens)
             ep.completion_ids += obs
             ep.completion_mask += [False] * len(obs)
             ep.behaviour_logprobs += [0.0] * len(obs)

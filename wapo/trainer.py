@@ -16,6 +16,7 @@ and KL statistics, gradient norm, times and memory (docs/metrics.md).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -72,6 +73,8 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     reference: torch.nn.Module | None = None
+    sampler: torch.nn.Module | None = None
+    """A bfloat16 copy of the policy that samples (`bf16_sampling`); None samples with `model`."""
     progress: Progress = field(default_factory=Progress)
     log: RunLog | None = None
 
@@ -86,9 +89,11 @@ class Trainer:
         if self.progress.step == 0 and cfg.run.eval_size > 0:
             evals["before"] = self.evaluate("before")
         bar = _progress_bar(cfg, self.progress.step)
+        step_start_rng = checkpoint.rng_state()
         try:
             with _interrupts_as_exception():
                 while self.progress.step < cfg.run.steps:
+                    step_start_rng = checkpoint.rng_state()
                     step = self.progress.step + 1
                     samples = [train_set[order[(self.progress.data_position + i) % len(order)]]
                                for i in range(cfg.sampling.prompts_per_step)]
@@ -102,7 +107,7 @@ class Trainer:
                     if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
                         self.save()
         except KeyboardInterrupt:
-            self.save()
+            self.save(rng=step_start_rng)
             print(f"\nInterrupted: checkpoint of step {self.progress.step} written; "
                   f"continue with `wapo train --resume {self.run_dir}`.")
             raise
@@ -118,7 +123,8 @@ class Trainer:
         cfg = self.config
         g = cfg.sampling.samples_per_prompt
         t0 = time.perf_counter()
-        episodes = rollout(self.model, self.tokenizer, self.env, samples, samples_per_prompt=g,
+        policy = self.sampler if self.sampler is not None else self.model
+        episodes = rollout(policy, self.tokenizer, self.env, samples, samples_per_prompt=g,
                            max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                            top_p=cfg.sampling.top_p, max_observation_tokens=cfg.sampling.max_observation_tokens)
         t_sample = time.perf_counter() - t0
@@ -164,7 +170,7 @@ class Trainer:
         if alg.diagnose_skipped_rows and skipped:  # before the update: the policy that sampled them
             with torch.no_grad():
                 for rows in batch.micro_batches(skipped, cfg.optim.micro_batch_size):
-                    diag.add(rows, self._stats(batch, rows), None)
+                    diag.add(rows, self._stats(batch, rows))
         for epoch in range(alg.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
@@ -179,13 +185,16 @@ class Trainer:
                     kl = kl_penalty(stats.logp, self._reference_logp(batch, rows), mask, beta=alg.kl_beta,
                                     estimator=alg.kl_estimator, normalizer=batch.mask.sum().clamp(min=1))
                     loss = loss + kl.loss
-                    diag.add_metrics(rows, kl.metrics, weight=kl.metrics["kl_ref"].new_tensor(float(mask.sum())))
+                    if epoch == 0:
+                        diag.add_metrics(kl.metrics, weight=float(mask.sum()))
                 if not torch.isfinite(loss):
                     finite = False
                     break
                 loss.backward()
-                if epoch == 0:
-                    diag.add(rows, stats, loss_out.metrics)
+                if epoch == 0:  # the taxonomy of the policy that sampled
+                    diag.add(rows, stats)
+                if epoch == alg.updates_per_batch - 1:  # ratios and clipping bite after the first update
+                    diag.add_metrics(loss_out.metrics, weight=float(mask.sum()))
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm) \
                 if finite and trained else torch.tensor(0.0)
             if not finite or not torch.isfinite(grad_norm):
@@ -194,6 +203,7 @@ class Trainer:
                 break
             self.progress.bad_steps = 0
             self.optimizer.step()  # parameters without a gradient (nothing trained) stay as they are
+            self._sync_sampler()
             if epoch == 0:
                 out["grad_norm"] = grad_norm.item()
         out.update(diag.summary())
@@ -218,6 +228,12 @@ class Trainer:
                 return self._stats(batch, rows).logp
         return row_token_stats(self.reference, batch, rows, temperature=self.config.sampling.temperature,
                                chunk_size=self.config.run.taxonomy_chunk_size).logp
+
+    @torch.no_grad()
+    def _sync_sampler(self) -> None:
+        if self.sampler is not None:
+            for mine, theirs in zip(self.sampler.parameters(), self.model.parameters()):
+                mine.copy_(theirs)
 
     def _skip_bad_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -250,9 +266,9 @@ class Trainer:
                                             for k, v in results.items()), flush=True)
         return results
 
-    def save(self) -> Path:
+    def save(self, rng: dict | None = None) -> Path:
         return checkpoint.save(self.run_dir, self.progress.step, self.model, self.optimizer, self.scheduler,
-                               dataclasses.asdict(self.progress), keep=self.config.run.keep_checkpoints)
+                               dataclasses.asdict(self.progress), keep=self.config.run.keep_checkpoints, rng=rng)
 
 
 # ----------------------------------------------------------------------------------------
@@ -295,7 +311,10 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None) -> T
         progress = Progress(**{k: fields[k] for k in dataclasses.asdict(progress)})
         resume_step = progress.step
         print(f"Resuming {run_dir} from step {progress.step}")
-    trainer = Trainer(config, run_dir, env, model, tokenizer, optimizer, scheduler, reference, progress)
+    sampler = None
+    if config.model.bf16_sampling:
+        sampler = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+    trainer = Trainer(config, run_dir, env, model, tokenizer, optimizer, scheduler, reference, sampler, progress)
     trainer.log = RunLog(run_dir, resume_step=resume_step)
     return trainer
 
@@ -380,16 +399,14 @@ class _Diagnostics:
         self.is_peak = torch.zeros(shape, dtype=torch.bool)
         self.loss_metrics: list[tuple[dict, float]] = []
 
-    def add(self, rows: list[int], stats: TokenStats, metrics: dict | None) -> None:
+    def add(self, rows: list[int], stats: TokenStats) -> None:
         idx = torch.as_tensor(rows)
         self.seen[idx] = True
         for k in self.fields:
             self.fields[k][idx] = getattr(stats, k).detach().float().cpu()
         self.is_peak[idx] = stats.is_peak.cpu()
-        if metrics is not None:
-            self.add_metrics(rows, metrics, weight=float(self.batch.mask[idx].sum()))
 
-    def add_metrics(self, rows, metrics: dict, weight) -> None:
+    def add_metrics(self, metrics: dict, weight: float) -> None:
         self.loss_metrics.append(({k: v.detach().float().cpu() for k, v in metrics.items()}, float(weight)))
 
     def summary(self) -> dict:
@@ -401,8 +418,9 @@ class _Diagnostics:
         out = {k: v.item() for k, v in taxonomy_bins(stats, b.advantages, mask).items()}
         n = mask.sum().clamp(min=1)
         out["entropy"] = (self.fields["entropy"] * mask).sum().item() / n.item()
-        diff = torch.where(mask, b.old_logprobs - self.fields["logp"], torch.zeros(()))
-        out["kl_behaviour"] = ((diff.exp() - diff - 1) * mask).sum().item() / n.item()  # k3 of KL(μ‖π)
+        # k3 estimate of KL(μ‖π) from tokens sampled by μ: r = π/μ, k3 = (r − 1) − log r
+        log_r = torch.where(mask, self.fields["logp"] - b.old_logprobs, torch.zeros(()))
+        out["kl_behaviour"] = ((torch.expm1(log_r) - log_r) * mask).sum().item() / n.item()
         out.update(_merge_loss_metrics(self.loss_metrics))
         return out
 
@@ -412,7 +430,7 @@ def _merge_loss_metrics(items: list[tuple[dict, float]]) -> dict:
     if not items:
         return {}
     out = {}
-    for key in items[0][0]:
+    for key in dict.fromkeys(k for m, _ in items for k in m):
         values = [(m[key], w) for m, w in items if key in m]
         if key in ("grad_rows", "grad_tokens"):
             out[key] = sum(v.item() for v, _ in values)

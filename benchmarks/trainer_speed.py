@@ -1,0 +1,119 @@
+"""Where a trainer step's time goes, and what each speed choice buys, measured side by side.
+
+One process, the built-in model, the default step (8 prompts x 8 samples, 48 new tokens):
+
+  sampling   one batched call for all 64 rows vs one call per prompt; a bfloat16 sampler copy
+  training   on the *same* sampled batch: GRPO (every row with A != 0 backpropagates) vs WAPO
+             (losers skipped), WAPO without the no-grad diagnostics of skipped rows, and WAPO
+             under bf16 autocast
+
+    python benchmarks/trainer_speed.py [--repeats 2]
+
+Times are medians over repeats; ratios are against the first line of each block. The machine
+is noisy: compare ratios within one run, not seconds across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+from wapo import config as cfg
+from wapo.advantages import compute_advantages
+from wapo.batch import RolloutBatch
+from wapo.sampling import rollout
+from wapo.scoring import score_episodes
+from wapo.trainer import build_trainer
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def report(title: str, rows: list[tuple[str, float]]) -> None:
+    print(f"\n{title}")
+    base = rows[0][1]
+    for name, seconds in rows:
+        print(f"  {name:<48} {seconds:7.1f} s   x{base / seconds:4.2f} speed")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+
+    config = cfg.from_dict({
+        "sampling": {"prompts_per_step": args.prompts, "samples_per_prompt": args.samples,
+                     "max_new_tokens": args.max_new_tokens},
+        "run": {"eval_size": 0, "progress": False, "output_dir": tempfile.mkdtemp(prefix="wapo-bench-")},
+    })
+    trainer = build_trainer(config)
+    env, tok, model = trainer.env, trainer.tokenizer, trainer.model
+    samples = list(env.train_set())[: args.prompts]
+    g = args.samples
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=1.0)
+
+    def sample_batched(m=model):
+        torch.manual_seed(0)
+        return rollout(m, tok, env, samples, samples_per_prompt=g, **kw)
+
+    def sample_per_prompt():
+        torch.manual_seed(0)
+        return [e for s in samples for e in rollout(model, tok, env, [s], samples_per_prompt=g, **kw)]
+
+    bf16_copy = copy.deepcopy(model).to(torch.bfloat16).eval()
+    t_batched, episodes = timed(sample_batched, args.repeats)
+    t_single, _ = timed(sample_per_prompt, args.repeats)
+    t_bf16, _ = timed(lambda: sample_batched(bf16_copy), args.repeats)
+    tokens = sum(e.model_tokens for e in episodes)
+    report(f"Sampling {len(episodes)} rows ({tokens} completion tokens)", [
+        ("one call per prompt (8 x 8 rows), fp32", t_single),
+        ("one batched call (64 rows), fp32", t_batched),
+        ("one batched call, bfloat16 sampler copy", t_bf16),
+    ])
+
+    scores = score_episodes(env, samples, episodes, g)
+    rewards = torch.tensor([r.score for r in scores.results])
+    print(f"  (reward mean {rewards.mean():.2f}; {int((rewards > 0).sum())} winners of {len(rewards)})")
+    state = copy.deepcopy(model.state_dict())
+
+    def train(loss: str, **changes):
+        alg = dataclasses.replace(config.algorithm, loss=loss,
+                                  **{k: v for k, v in changes.items() if k != "bf16"})
+        trainer.config = dataclasses.replace(
+            config, algorithm=alg, model=dataclasses.replace(config.model, bf16=changes.get("bf16", False)))
+        model.load_state_dict(state)
+        adv = compute_advantages(trainer.advantage_name, rewards, g)
+        return trainer.update(RolloutBatch.from_episodes(episodes, adv))
+
+    rows = []
+    for name, loss, changes in [
+        ("GRPO: all rows with A != 0 backpropagate", "grpo", {}),
+        ("WAPO: losers skipped, no-grad diagnostics on them", "wapo", {}),
+        ("WAPO: losers skipped, no diagnostics", "wapo", {"diagnose_skipped_rows": False}),
+        ("WAPO: losers in the backward pass (weight 0)", "wapo", {"skip_zero_gradient_rows": False}),
+        ("WAPO: skipped + diagnostics, bf16 autocast", "wapo", {"bf16": True}),
+    ]:
+        seconds, out = timed(lambda: train(loss, **changes), args.repeats)
+        rows.append((f"{name} [{out['backward_rows']} rows]", seconds))
+    report("Training on that batch (one update)", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Sampling on the tiny model: padding and positions, behaviour log-probabilities, budgets, EOS,
+stop strings, nucleus sampling, and the masking of environment tokens in multi-turn episodes."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import wapo.sampling as sampling
+from wapo.batch import RolloutBatch, row_token_stats
+from wapo.envs.base import ENVIRONMENTS, Environment, RewardResult
+from wapo.models import load_tokenizer
+from wapo.sampling import Episode, Generation, generate, prompt_ids, rollout
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny Llama re-initialised with weights of std 0.2 (not 0.02), and its tokenizer.
+
+    At std 0.02 the next-token distribution is nearly uniform and greedy decoding repeats one
+    character whatever the context; at 0.2 it depends on the context, so a padding mistake
+    (attending to the left padding) changes the greedy continuation.
+    """
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config), load_tokenizer(tiny_model_dir)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+@contextmanager
+def _steered(model, edit):
+    """Call `edit(call_index, logits)` on the (n, 1, V) output-layer logits of each forward."""
+    calls = [0]
+
+    def hook(module, inputs, logits):
+        edit(calls[0], logits)
+        calls[0] += 1
+        return logits
+
+    handle = model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+
+def test_greedy_continuation_does_not_depend_on_the_left_padding(tiny):
+    model, tok = tiny
+    short, long = _ids(tok, "Q:say 1\nA:"), _ids(tok, "Q:please say the digit seven\nA:")
+    alone = generate(model, tok, [short], max_new_tokens=8, temperature=0.0)
+    batched = generate(model, tok, [long, short], max_new_tokens=8, temperature=0.0)
+    # batched, `short` gets 21 pad tokens on its left, masked out; its positions start at 0
+    # (RoPE is blind to a shift of all positions, so on Llama this checks the attention mask)
+    assert len(long) - len(short) == 21
+    assert batched.tokens[1] == alone.tokens[0]
+    assert len(set(alone.tokens[0])) > 3  # a context-dependent continuation, not one repeated token
+
+
+def test_behaviour_logprobs_equal_a_full_forward_at_the_temperature(tiny):
+    model, tok = tiny
+    prompts = [_ids(tok, "Q:say 1\nA:"), _ids(tok, "Q:a longer question\nA:"), _ids(tok, "Q:say 1\nA:")]
+    gen = generate(model, tok, prompts, max_new_tokens=6, temperature=1.3,
+                   generator=torch.Generator().manual_seed(0))
+    episodes = [Episode(p, t, [True] * len(t), lp) for p, t, lp in zip(prompts, gen.tokens, gen.logprobs)]
+    batch = RolloutBatch.from_episodes(episodes, torch.zeros(3))
+    # generate: left padding, KV cache, one token at a time; row_token_stats: right padding, one pass
+    stats = row_token_stats(model, batch, [0, 1, 2], temperature=1.3, chunk_size=4)
+    assert int(batch.mask.sum()) == sum(map(len, gen.tokens)) > 0
+    torch.testing.assert_close(stats.logp[batch.mask], batch.old_logprobs[batch.mask], rtol=0, atol=1e-4)
+    at_1 = row_token_stats(model, batch, [0, 1, 2], temperature=1.0, chunk_size=4)
+    assert (at_1.logp - batch.old_logprobs)[batch.mask].abs().max() > 1e-2  # the temperature matters
+
+
+def test_each_row_stops_at_its_own_budget(tiny):
+    model, tok = tiny
+    eos = tok.eos_token_id
+
+    def no_eos(call, logits):
+        logits[..., eos] = -math.inf
+
+    prompt = _ids(tok, "Q:say 1\nA:")
+    with _steered(model, no_eos):
+        gen = generate(model, tok, [prompt] * 3, max_new_tokens=[0, 2, 5], temperature=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert [len(t) for t in gen.tokens] == [0, 2, 5]
+    assert [len(lp) for lp in gen.logprobs] == [0, 2, 5]
+    assert gen.stopped == [False, False, False]  # budget, not EOS
+
+
+def test_eos_ends_its_row_and_is_kept_as_the_last_token(tiny):
+    model, tok = tiny
+    eos = tok.eos_token_id
+
+    def eos_on_third_token_of_row_0(call, logits):
+        logits[..., eos] = -math.inf
+        if call == 2:
+            logits[0] = -math.inf
+            logits[0, :, eos] = 0.0  # p(EOS) = 1, so its log-probability is 0
+
+    prompt = _ids(tok, "Q:say 1\nA:")
+    with _steered(model, eos_on_third_token_of_row_0):
+        gen = generate(model, tok, [prompt] * 2, max_new_tokens=5, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert len(gen.tokens[0]) == 3 and gen.tokens[0][-1] == eos and gen.logprobs[0][-1] == 0.0
+    assert len(gen.tokens[1]) == 5 and eos not in gen.tokens[1]
+    assert gen.stopped == [True, False]
+
+
+@pytest.mark.parametrize("stop", [
+    "</b>",
+    "</search>",  # 9 one-character tokens
+])
+def test_a_stop_string_ends_the_turn_as_soon_as_the_text_ends_with_it(tiny, stop):
+    model, tok = tiny
+    script = _ids(tok, f"x{stop}yy")  # the char-level tokenizer spends one token per character
+
+    def spell_script(call, logits):  # greedy then writes `script`, one token per step
+        logits[:] = -math.inf
+        logits[..., script[min(call, len(script) - 1)]] = 0.0
+
+    with _steered(model, spell_script):
+        gen = generate(model, tok, [_ids(tok, "Q:go\nA:")], max_new_tokens=20, temperature=0.0,
+                       stop_strings=(stop,))
+    assert tok.decode(gen.tokens[0]) == f"x{stop}"
+    assert gen.stopped == [True]
+
+
+def test_top_p_samples_only_inside_the_nucleus_taken_at_the_temperature():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+    # T = 1: probabilities before each token 0, .5, .8, .95; the nucleus of 0.7 is {0, 1}
+    ids, logp = sampling._sample(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    assert set(ids.tolist()) == {0, 1}
+    # behaviour log-probabilities are of the untruncated distribution: log 0.5, log 0.3
+    torch.testing.assert_close(logp, torch.tensor([0.5, 0.3]).log()[ids])
+    # T = 2: p ∝ sqrt(p) = (.379, .294, .208, .120); before each: 0, .379, .673, .881 -> {0, 1, 2}
+    ids, _ = sampling._sample(logits, 2.0, 0.7, torch.Generator().manual_seed(0))
+    assert set(ids.tolist()) == {0, 1, 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-turn: environment tokens are context, never actions
+# ---------------------------------------------------------------------------------------------
+
+SEARCH, REPLY, ANSWER = "<search>q</search>", "<information>xyz</information>", "ok"
+
+
+@dataclass
+class EchoToolEnv(Environment):
+    """Answers every turn that ends in `</search>` with the same `<information>` block."""
+
+    max_turns: int = field(default=3, init=False)
+    stop_strings: tuple[str, ...] = field(default=("</search>",), init=False)
+
+    def train_set(self):
+        return [{"question": "q1", "answer": ANSWER}, {"question": "q2", "answer": ANSWER}]
+
+    def eval_set(self):
+        return self.train_set()
+
+    def prompt(self, sample):
+        return [{"role": "user", "content": sample["question"]}]
+
+    def reward(self, sample, completion):
+        ok = completion.endswith(sample["answer"])
+        return RewardResult(float(ok), ok, "correct" if ok else "wrong answer")
+
+    def observe(self, sample, completion):
+        return REPLY if completion.endswith("</search>") else None
+
+
+if "test_echo_tool" not in ENVIRONMENTS:
+    ENVIRONMENTS.register("test_echo_tool")(EchoToolEnv)
+
+
+class ScriptedGenerate:
+    """Stands in for `wapo.sampling.generate`: call k returns `turns[k]` (texts, one per row).
+
+    A text that does not end in a stop string gets EOS appended, as a real turn would.
+    """
+
+    def __init__(self, tokenizer, turns: list[list[str]]):
+        self.tok, self.turns, self.calls = tokenizer, turns, []
+
+    def __call__(self, model, tokenizer, prompts, *, max_new_tokens, stop_strings=(), **kwargs):
+        self.calls.append({"prompts": prompts, "max_new_tokens": max_new_tokens, "stop_strings": stop_strings})
+        texts = self.turns[len(self.calls) - 1]
+        assert len(texts) == len(prompts)
+        tokens = []
+        for text in texts:
+            ends_with_stop = any(text.endswith(s) for s in stop_strings)
+            tokens.append(_ids(self.tok, text) + ([] if ends_with_stop else [self.tok.eos_token_id]))
+        return Generation(tokens=tokens, logprobs=[[-0.5] * len(t) for t in tokens], stopped=[True] * len(tokens))
+
+
+def test_environment_tokens_are_masked_out_of_the_episode_and_the_loss(tiny, monkeypatch):
+    model, tok = tiny
+    env = ENVIRONMENTS["test_echo_tool"]()
+    # row 0 searches, reads the (truncated) reply and answers; row 1 answers at once
+    fake = ScriptedGenerate(tok, [[SEARCH, ANSWER], [ANSWER]])
+    monkeypatch.setattr(sampling, "generate", fake)
+    episodes = rollout(model, tok, env, env.train_set(), samples_per_prompt=1, max_new_tokens=30,
+                       temperature=1.0, max_observation_tokens=10)
+
+    full = _ids(tok, REPLY)
+    search, reply, answer = _ids(tok, SEARCH), full[:5] + full[-5:], _ids(tok, ANSWER) + [tok.eos_token_id]
+    assert len(full) == 30 and tok.decode(reply) == "<infotion>"  # 10 tokens: head and tail (closing tag)
+    first = episodes[0]
+    assert first.completion_ids == search + reply + answer
+    assert first.completion_mask == [True] * 18 + [False] * 10 + [True] * 3
+    assert first.behaviour_logprobs == [-0.5] * 18 + [0.0] * 10 + [-0.5] * 3
+    assert (first.turns, first.model_tokens, first.finished) == (2, 21, True)
+    assert first.text == "<search>q</search><infotion>ok"
+    second = episodes[1]
+    assert (second.completion_mask, second.turns, second.finished) == ([True] * 3, 1, True)
+
+    # turn 2 sees the reply as context, and its budget counts model tokens only: 30 - 18 = 12
+    p0 = prompt_ids(tok, env, env.train_set()[0])
+    assert fake.calls[1]["prompts"] == [p0 + search + reply]
+    assert fake.calls[1]["max_new_tokens"] == [12]
+    assert fake.calls[0]["stop_strings"] == ("</search>",)
+
+    batch = RolloutBatch.from_episodes(episodes, torch.tensor([1.0, -1.0]))
+    assert batch.mask[0].tolist() == first.completion_mask
+    assert batch.mask[1].tolist() == [True] * 3 + [False] * 28
+    assert batch.old_logprobs[0, 18:28].eq(0).all()
+    stats = row_token_stats(model, batch, [0, 1], temperature=1.0, chunk_size=8)
+    assert stats.logp[~batch.mask].eq(0).all()  # environment tokens never reach the output layer
+    assert stats.logp[batch.mask].lt(0).all()
+
+
+def test_a_turn_ended_by_eos_ends_the_episode(tiny, monkeypatch):
+    model, tok = tiny
+    env = ENVIRONMENTS["test_echo_tool"]()
+    monkeypatch.setattr(env, "observe", lambda sample, completion: REPLY)  # a tool that always replies
+    fake = ScriptedGenerate(tok, [[ANSWER], [ANSWER], [ANSWER]])
+    monkeypatch.setattr(sampling, "generate", fake)
+    (episode,) = rollout(model, tok, env, env.train_set()[:1], samples_per_prompt=1, max_new_tokens=30,
+                         temperature=1.0)
+    # environments answer turns that end in a stop string (wapo.envs.base); EOS means "done"
+    assert (episode.turns, len(fake.calls)) == (1, 1)
+    assert all(episode.completion_mask)
