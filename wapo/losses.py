@@ -375,6 +375,10 @@ def _finish(loss: Tensor, normalizer: Tensor | float, metrics: dict[str, Tensor]
     return LossOutput(loss=loss, metrics=metrics)
 
 
+LOSS_METRICS = ("clip_frac_pos", "clip_frac_neg", "ratio_mean", "ratio_min", "ratio_max", "grad_rows", "grad_tokens")
+"""The metrics every objective returns (besides `normalizer`)."""
+
+
 @torch.no_grad()
 def _ratio_metrics(ratio: Tensor, mask: Tensor, advantages: Tensor, clip_high: Tensor,
                    clip_low: Tensor, trained: Tensor) -> dict[str, Tensor]:

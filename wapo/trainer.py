@@ -38,7 +38,7 @@ from wapo.config import TrainConfig, dump_toml
 from wapo.envs import make_env
 from wapo.envs.base import Environment
 from wapo.evaluate import evaluate
-from wapo.losses import DEFAULT_ADVANTAGE, LOSSES, kl_penalty, normalizer, policy_loss, rows_with_gradient
+from wapo.losses import DEFAULT_ADVANTAGE, LOSS_METRICS, LOSSES, kl_penalty, normalizer, policy_loss, rows_with_gradient
 from wapo.models import load_policy, load_tokenizer, resolve_device
 from wapo.runlog import RunLog, plot_run
 from wapo.sampling import rollout
@@ -143,6 +143,7 @@ class Trainer:
             tokens_per_second=sum(e.model_tokens for e in episodes) / max(time.perf_counter() - t0, 1e-9),
             peak_memory_mb=_peak_memory_mb(), reward_errors_total=self.progress.reward_errors,
             skipped_steps_total=self.progress.skipped_steps,
+            **{f"env_{k}": v for k, v in self.env.metrics().items()},
         )
         self.scheduler.step()
         self.log.log_completions(self.progress.step + 1, [
@@ -166,7 +167,7 @@ class Trainer:
             trained = all_rows
         skipped = sorted(set(all_rows) - set(trained))
         diag = _Diagnostics(batch)
-        out = {"backward_rows": len(trained), "skipped_rows": len(skipped)}
+        out = {"backward_rows": len(trained), "skipped_rows": len(skipped), "skipped_step": 0, "grad_norm": None}
         if alg.diagnose_skipped_rows and skipped:  # before the update: the policy that sampled them
             with torch.no_grad():
                 for rows in batch.micro_batches(skipped, cfg.optim.micro_batch_size):
@@ -427,9 +428,8 @@ class _Diagnostics:
 
 def _merge_loss_metrics(items: list[tuple[dict, float]]) -> dict:
     """Micro-batch metrics to batch metrics: counts add, extremes take max/min, rest token-weighted."""
-    if not items:
-        return {}
-    out = {}
+    out: dict = {key: None for key in LOSS_METRICS}  # stable keys: null when no row trained
+    out.update(grad_rows=0, grad_tokens=0)
     for key in dict.fromkeys(k for m, _ in items for k in m):
         values = [(m[key], w) for m, w in items if key in m]
         if key in ("grad_rows", "grad_tokens"):

@@ -75,6 +75,10 @@ class Environment:
         """Multi-turn only: the environment's reply to the last model turn, or None to stop."""
         return None
 
+    def metrics(self) -> dict[str, float]:
+        """Running counters the trainer logs each step as `env_<name>` (e.g. search retries)."""
+        return {}
+
 
 ENVIRONMENTS: Registry[type[Environment]] = Registry("environment")
 """Environment classes by name, e.g. `ENVIRONMENTS["arithmetic"](seed=1)`."""

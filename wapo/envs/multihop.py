@@ -184,6 +184,11 @@ class SearchQAEnvironment(Environment):
             return None
         return "\n" + self.search(query) + "\n"
 
+    def metrics(self) -> dict[str, float]:
+        """Retries and failed searches of an HTTP retriever so far (0 for in-process BM25)."""
+        backend = self.search_backend
+        return {"search_retries": getattr(backend, "retries", 0), "search_failures": getattr(backend, "failures", 0)}
+
     def search(self, query: str) -> str:
         """The `<information>` block for one query.
 
