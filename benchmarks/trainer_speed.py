@@ -6,6 +6,7 @@ One process, the built-in model, the default step (8 prompts x 8 samples, 48 new
   training   on the *same* sampled batch: GRPO (every row with A != 0 backpropagates) vs WAPO
              (losers skipped), WAPO without the no-grad diagnostics of skipped rows, and WAPO
              under bf16 autocast
+  accuracy   held-out greedy accuracy of the float32 policy and of its bfloat16 copy
 
     python benchmarks/trainer_speed.py [--repeats 2]
 
@@ -28,6 +29,7 @@ import torch
 from wapo import config as cfg
 from wapo.advantages import compute_advantages
 from wapo.batch import RolloutBatch
+from wapo.evaluate import evaluate
 from wapo.sampling import rollout
 from wapo.scoring import score_episodes
 from wapo.trainer import build_trainer
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--accuracy-problems", type=int, default=64, help="0 skips the accuracy check")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -113,6 +116,14 @@ def main() -> None:
         seconds, out = timed(lambda: train(loss, **changes), args.repeats)
         rows.append((f"{name} [{out['backward_rows']} rows]", seconds))
     report("Training on that batch (one update)", rows)
+
+    if args.accuracy_problems:
+        held_out = list(env.eval_set())[: args.accuracy_problems]
+        model.load_state_dict(state)
+        print(f"\nHeld-out greedy accuracy, {len(held_out)} problems (does bf16 hold accuracy?)")
+        for name, m in (("float32 policy", model), ("bfloat16 copy", copy.deepcopy(model).to(torch.bfloat16))):
+            acc = evaluate(m, tok, env, held_out, k=0, temperature=1.0, max_new_tokens=args.max_new_tokens)
+            print(f"  {name:<20} {acc['greedy_accuracy']:.3f}")
 
 
 if __name__ == "__main__":
