@@ -3,6 +3,7 @@ stop strings, nucleus sampling, and the masking of environment tokens in multi-t
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -253,3 +254,14 @@ def test_a_turn_ended_by_eos_ends_the_episode(tiny, monkeypatch):
     # environments answer turns that end in a stop string (wapo.envs.base); EOS means "done"
     assert (episode.turns, len(fake.calls)) == (1, 1)
     assert all(episode.completion_mask)
+
+
+def test_a_tokenizer_without_chat_template_gets_plain_text(tiny):
+    model, tok = tiny
+    env = ENVIRONMENTS["test_echo_tool"]()
+    sample = env.train_set()[0]
+    templated = prompt_ids(tok, env, sample)
+    plain = copy.copy(tok)
+    plain.chat_template = None
+    assert tok.decode(prompt_ids(plain, env, sample)) == sample["question"] + "\n"
+    assert templated != prompt_ids(plain, env, sample)

@@ -152,9 +152,15 @@ def _truncate(ids: list[int], limit: int) -> list[int]:
 
 
 def prompt_ids(tokenizer, env: Environment, sample: Sample) -> list[int]:
-    """The sample's chat messages through the tokenizer's chat template, ready to generate."""
-    ids = tokenizer.apply_chat_template(env.prompt(sample), add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    """The sample's chat messages through the tokenizer's chat template, ready to generate.
+
+    A base model without a chat template gets the messages' contents, one per line.
+    """
+    messages = env.prompt(sample)
+    if getattr(tokenizer, "chat_template", None) is None:
+        return tokenizer.encode("\n".join(m["content"] for m in messages) + "\n")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, samples_per_prompt: int,
