@@ -105,8 +105,8 @@ def test_docs_metrics_md_lists_every_metrics_key(one_step_run):
     _, run = one_step_run
     documented = set(re.findall(r"`([a-z0-9_@]+)`", DOCS.read_text()))
     (row,) = _lines(run / "metrics.jsonl")
-    # keys that only some steps have: the objectives' metrics (absent when no row trained),
-    # the KL penalty's (kl_beta > 0), and the mark of a skipped step
+    # keys this one step may not exercise: every objective's metrics (all steps carry them) and
+    # the KL penalty's (only with kl_beta > 0)
     mask, zeros = torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 3)
     conditional = {"skipped_step", *kl_penalty(zeros, zeros, mask, beta=0.1).metrics}
     for name in LOSSES:

@@ -37,3 +37,22 @@ def test_example_configs_are_valid(path):
     config = cfg.from_dict(cfg.load_file(path))
     LOSSES.check(config.algorithm.loss)
     make_env(config.env.env, config.env.env_options)
+
+
+def test_resolved_config_with_nested_and_missing_options_reads_back(tmp_path):
+    config = cfg.from_dict({"env": {"env": "gsm8k", "env_options": {"eval_path": None, "a.b": 1,
+                                                                   "config": {"ops": ["+", "-"], "n": 2.5}}}})
+    path = tmp_path / "config.toml"
+    path.write_text(cfg.dump_toml(config))
+    assert cfg.from_dict(cfg.load_file(path)).env.env_options == {"a.b": 1, "config": {"ops": ["+", "-"], "n": 2.5}}
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("run", "checkpoint_every", 0, "--checkpoint-every must be >= 1"),
+    ("optim", "micro_batch_size", 0, "--micro-batch-size must be >= 1"),
+    ("sampling", "temperature", 0.0, "--temperature must be > 0"),
+    ("optim", "schedule", "step", "--schedule must be constant, linear or cosine"),
+])
+def test_out_of_range_values_fail_naming_the_flag(section, key, value, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.from_dict({section: {key: value}})

@@ -228,7 +228,7 @@ def test_unknown_names_and_hyperparameters_fail_with_the_valid_ones():
 
 
 def test_documented_defaults():
-    assert hyperparameters("wapo") == {"normalizer": None, "eps_high": 9.0, "denominator": "all"}
+    assert hyperparameters("wapo") == {"eps_high": 9.0, "denominator": "all"}
     assert hyperparameters("grpo")["eps"] == 0.2
     assert (hyperparameters("dapo")["eps_low"], hyperparameters("dapo")["eps_high"]) == (0.2, 0.28)
     assert hyperparameters("gspo")["eps_low"] == 3e-4 and hyperparameters("gspo")["eps_high"] == 4e-4

@@ -140,3 +140,18 @@ def test_bins_by_advantage_sign():
     assert bins["neg_valley_pred_dentropy"].item() == pytest.approx(-(0.25 * (-2 * l2 + h) - sum_p2))
     empty = wapo.taxonomy_bins(st, torch.tensor([1.0, 1.0, 1.0]), mask)
     assert math.isnan(empty["neg_peak_pred_dentropy"].item()) and empty["neg_peak_count"].item() == 0
+
+
+def test_chunked_gradient_is_consistent_under_bf16_autocast():
+    # forward and backward must both use float32 logits: Σ_k ∂logp/∂b_k = Σ_k (onehot − p)_k = 0
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(64, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    bias = torch.zeros(50, requires_grad=True)
+    tokens = torch.randint(0, 50, (64,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = wapo.chunked_token_stats(hidden, weight, tokens, bias=bias, chunk_size=16)
+    (g_bias,) = torch.autograd.grad(stats.logp.sum(), bias)
+    assert abs(g_bias.sum().item()) < 1e-4
+    plain = wapo.chunked_token_stats(hidden, weight, tokens, bias=bias, chunk_size=16)
+    torch.testing.assert_close(stats.logp, plain.logp)

@@ -191,3 +191,49 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_pat
     resumed.fit()
     steps = [json.loads(line)["step"] for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_gradient_checkpointing_recomputes_activations(tiny_model_dir, tmp_path):
+    calls = {}
+    for on in (False, True):
+        trainer = build_trainer(_config(tiny_model_dir, tmp_path / str(on), model={"gradient_checkpointing": on},
+                                        sampling={"temperature": 3.0}, run={"seed": 1}))
+        mlp = trainer.model.model.layers[0].mlp
+        count, forward = [0], mlp.forward
+
+        def counting_forward(*args, _forward=forward, _count=count, **kwargs):
+            _count[0] += 1  # (forward hooks do not fire when checkpointing recomputes)
+            return _forward(*args, **kwargs)
+
+        mlp.forward = counting_forward
+        trainer.config = cfg.from_dict({"algorithm": {"diagnose_skipped_rows": False}}, trainer.config)
+        trainer.fit()
+        calls[on] = count[0]
+    assert calls[True] > calls[False]  # the MLP runs again in backward
+
+
+def test_dynamic_sampling_with_no_mixed_group_skips_the_update(tiny_model_dir, tmp_path):
+    # temperature 0.05: each group's samples agree, so every group has equal rewards
+    trainer = build_trainer(_config(tiny_model_dir, tmp_path, algorithm={"dynamic_sampling": True},
+                                    sampling={"temperature": 0.05}))
+    before = _weights(trainer.model)
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mixed_group_frac"] == 0 and r["backward_rows"] == 0 for r in rows)
+    assert all(torch.equal(before[k], v) for k, v in _weights(trainer.model).items())
+
+
+def test_an_interrupt_inside_an_update_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = build_trainer(_config(tiny_model_dir, tmp_path, run={"steps": 3, "checkpoint_every": 1},
+                                    sampling={"temperature": 3.0}))
+    real = trainer._sync_sampler
+
+    def interrupt_in_step_2():
+        real()
+        if trainer.progress.step == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_sync_sampler", interrupt_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert [p.name for p in (trainer.run_dir / "checkpoints").iterdir()] == ["step_000001"]

@@ -31,7 +31,7 @@ class RolloutBatch:
 
     @classmethod
     def from_episodes(cls, episodes: list[Episode], advantages: Tensor) -> RolloutBatch:
-        width = max(1, max(len(e.completion_ids) for e in episodes))
+        width = max((len(e.completion_ids) for e in episodes), default=1) or 1
         n = len(episodes)
         ids = torch.zeros(n, width, dtype=torch.long)
         mask = torch.zeros(n, width, dtype=torch.bool)
@@ -73,7 +73,8 @@ def row_token_stats(model, batch: RolloutBatch, rows: list[int], *, temperature:
     prompt_lens = torch.as_tensor([len(batch.prompt_ids[i]) for i in rows])
     pos = prompt_lens[r_idx] + j_idx - 1
     with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        hidden = decoder(model)(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+        hidden = decoder(model)(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                use_cache=False).last_hidden_state
         weight, bias = output_layer(model)
         stats = chunked_token_stats(hidden[r_idx.to(device), pos.to(device)], weight,
                                     batch.completion_ids[rows][r_idx, j_idx].to(device), bias=bias,

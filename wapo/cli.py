@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 from wapo import config as cfg
+from wapo.registry import UnknownNameError
+from wapo.trainer import TrainingStopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,9 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (cfg.ConfigError, KeyError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"wapo {args.command}: error: {message}", file=sys.stderr)
+    except (cfg.ConfigError, UnknownNameError, OSError, TrainingStopped) as exc:  # OSError: files, models
+        print(f"wapo {args.command}: error: {exc}", file=sys.stderr)  # anything else is a bug: traceback
         return 2
     except KeyboardInterrupt:
         return 130

@@ -24,6 +24,15 @@ from typing import Any
 BUILTIN_MODEL = "builtin:smollm2-135m"
 
 
+class ConfigError(ValueError):
+    """A config file, flag or option that does not fit: the message says which and why."""
+
+
+def _require(ok: bool, flag: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{flag.replace('_', '-')} {what}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = BUILTIN_MODEL
@@ -42,6 +51,10 @@ class ModelConfig:
     """LoRA scaling numerator (scale = alpha / rank)."""
     threads: int = 0
     """torch CPU threads; 0 keeps torch's default."""
+
+    def __post_init__(self):
+        _require(self.lora_rank >= 0, "lora_rank", "must be >= 0")
+        _require(self.threads >= 0, "threads", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,12 @@ class SamplingConfig:
     max_observation_tokens: int = 512
     """Multi-turn environments: longest environment reply kept (tokens; its end is kept)."""
 
+    def __post_init__(self):
+        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_observation_tokens"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        _require(self.temperature > 0, "temperature", "must be > 0 for training (evaluation is greedy and sampled)")
+        _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
@@ -89,6 +108,11 @@ class AlgorithmConfig:
     diagnose_skipped_rows: bool = True
     """Run a no-grad pass over skipped rows so their taxonomy bins are still logged."""
 
+    def __post_init__(self):
+        _require(self.updates_per_batch >= 1, "updates_per_batch", "must be >= 1")
+        _require(self.kl_beta >= 0, "kl_beta", "must be >= 0")
+        _require(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -105,6 +129,13 @@ class OptimConfig:
     micro_batch_size: int = 16
     """Rows per forward/backward; gradients accumulate over the batch."""
 
+    def __post_init__(self):
+        _require(self.lr >= 0, "lr", "must be >= 0")
+        _require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.schedule in ("constant", "linear", "cosine"), "schedule", "must be constant, linear or cosine")
+        _require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -115,7 +146,7 @@ class RunConfig:
     output_dir: str = ""
     """Run folder; empty means runs/<time>-<loss>."""
     eval_size: int = 64
-    """Held-out problems evaluated before and after training (0 = no evaluation)."""
+    """Held-out problems evaluated before and after training (0 = none; at most the environment's held-out set)."""
     eval_samples: int = 4
     """Sampled answers per held-out problem for pass@k (k = this)."""
     eval_every: int = 0
@@ -133,6 +164,12 @@ class RunConfig:
     progress: bool = True
     """Show progress bars."""
 
+    def __post_init__(self):
+        for name in ("steps", "eval_size", "eval_samples", "eval_every"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("checkpoint_every", "keep_checkpoints", "taxonomy_chunk_size", "max_bad_steps"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -142,10 +179,6 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-class ConfigError(ValueError):
-    """A config file or flag that does not fit the tree."""
 
 
 def leaf_fields(cls: type = TrainConfig) -> dict[str, tuple[str, dataclasses.Field]]:
@@ -237,14 +270,23 @@ def dump_toml(config: TrainConfig) -> str:
     lines = []
     for section, values in to_dict(config).items():
         lines.append(f"[{section}]")
-        for key, value in values.items():
-            if isinstance(value, dict):
-                inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
-                lines.append(f"{key} = {{ {inner} }}")
-            else:
-                lines.append(f"{key} = {json.dumps(value)}")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal; TOML has no null, so None entries of tables are left out (= default)."""
+    if isinstance(value, dict):
+        items = ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return f"{{ {items} }}" if items else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if value == value and abs(value) != float("inf") else json.dumps(str(value))
+    return json.dumps(str(value))  # JSON string escapes are valid TOML basic-string escapes
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

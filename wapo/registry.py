@@ -8,6 +8,13 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+class UnknownNameError(KeyError):
+    """A name that is not registered; the message lists the registered ones."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
 class Registry(Mapping[str, T], Generic[T]):
     """A name -> object map that refuses duplicates and explains unknown names.
 
@@ -35,7 +42,7 @@ class Registry(Mapping[str, T], Generic[T]):
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def check(self, name: str) -> str:
         """Return `name` if registered, else raise the same error as lookup (fail before work)."""

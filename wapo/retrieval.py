@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import http.client
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import bm25s
+
+from wapo.cache import cache_dir
 
 INDEX_VERSION = 1
 """Bumped when tokenisation or index parameters change, so stale caches are not reused."""
@@ -114,11 +115,6 @@ def write_corpus(docs: Sequence[Doc], path: str | Path) -> None:
             f.write(json.dumps({"id": doc.id, "title": doc.title, "text": doc.text}) + "\n")
 
 
-def cache_root() -> Path:
-    """Base directory of wapo's caches: `$WAPO_CACHE`, else `~/.cache/wapo`."""
-    return Path(os.environ.get("WAPO_CACHE", "~/.cache/wapo")).expanduser()
-
-
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes (the cache key of an index built from it)."""
     digest = hashlib.sha256()
@@ -141,7 +137,7 @@ class BM25Retriever:
     """BM25 (Robertson et al., Lucene variant as in `bm25s`) over an in-memory document list.
 
     Built from `docs` directly, or with `from_jsonl(path)`, which caches the index under
-    `cache_root()/bm25/<sha256 of the file>-v<INDEX_VERSION>` so later runs load it instead
+    `cache_dir()/bm25/<sha256 of the file>-v<INDEX_VERSION>` so later runs load it instead
     of re-indexing. Queries with no known word return no passages rather than arbitrary ones.
     """
 
@@ -149,7 +145,7 @@ class BM25Retriever:
         if not docs:
             raise ValueError("BM25Retriever needs at least one document")
         self.docs = list(docs)
-        index_dir = cache_root() / "bm25" / f"{cache_key}-v{INDEX_VERSION}" if cache_key else None
+        index_dir = cache_dir() / "bm25" / f"{cache_key}-v{INDEX_VERSION}" if cache_key else None
         if index_dir is not None and index_dir.is_dir():
             self._bm25 = bm25s.BM25.load(str(index_dir))
             if self._bm25.scores["num_docs"] != len(self.docs):

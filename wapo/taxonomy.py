@@ -113,10 +113,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    return logits.to(_compute_dtype(logits.dtype)) / temperature
+    """Logits in float32 (float64 for float64 inputs), with autocast off.
+
+    Forward and backward must compute the same logits: backward runs outside any autocast
+    region, so the forward may not use autocast's bf16 matmul either (p would not sum to 1).
+    """
+    dtype = _compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden.to(dtype) @ weight.to(dtype).T
+        if bias is not None:
+            logits = logits + bias.to(dtype)
+    return logits / temperature
 
 
 class _ChunkedLogProb(torch.autograd.Function):
@@ -129,7 +136,7 @@ class _ChunkedLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_size):
-        n, dtype = hidden.shape[0], _compute_dtype(hidden.dtype)
+        n, dtype = hidden.shape[0], _compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
         logp, entropy, collision, p2logp, lse_all = (
             torch.empty(n, device=hidden.device, dtype=dtype) for _ in range(5)
         )
@@ -164,7 +171,7 @@ class _ChunkedLogProb(torch.autograd.Function):
                 dz.scatter_add_(-1, tokens[sl].unsqueeze(-1), g.unsqueeze(-1))
                 dz.div_(ctx.temperature)
                 if need_h:
-                    grad_h[sl] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+                    grad_h[sl] = (dz @ weight.to(dtype)).to(hidden.dtype)
                 if need_w:
                     grad_w += dz.T @ hidden[sl].to(dtype)
                 if need_b:

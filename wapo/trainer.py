@@ -34,11 +34,11 @@ import torch
 from wapo import checkpoint
 from wapo.advantages import ADVANTAGES, compute_advantages
 from wapo.batch import RolloutBatch, row_token_stats
-from wapo.config import TrainConfig, dump_toml
+from wapo.config import ConfigError, TrainConfig, dump_toml
 from wapo.envs import make_env
 from wapo.envs.base import Environment
 from wapo.evaluate import evaluate
-from wapo.losses import DEFAULT_ADVANTAGE, LOSS_METRICS, LOSSES, kl_penalty, normalizer, policy_loss, rows_with_gradient
+from wapo.losses import DEFAULT_ADVANTAGE, LOSS_METRICS, LOSSES, check_hyperparameters, kl_penalty, normalizer, policy_loss, rows_with_gradient
 from wapo.models import load_policy, load_tokenizer, resolve_device
 from wapo.runlog import RunLog, plot_run
 from wapo.sampling import rollout
@@ -77,6 +77,8 @@ class Trainer:
     """A bfloat16 copy of the policy that samples (`bf16_sampling`); None samples with `model`."""
     progress: Progress = field(default_factory=Progress)
     log: RunLog | None = None
+    resumed: bool = False
+    _updated_mid_step: bool = False
 
     # ------------------------------------------------------------------------------------
     # The loop
@@ -86,20 +88,21 @@ class Trainer:
         train_set = env.train_set()
         order = np.random.default_rng(cfg.run.seed).permutation(len(train_set))
         evals = {}
-        if self.progress.step == 0 and cfg.run.eval_size > 0:
+        if not self.resumed and cfg.run.eval_size > 0:
             evals["before"] = self.evaluate("before")
         bar = _progress_bar(cfg, self.progress.step)
-        step_start_rng = checkpoint.rng_state()
+        replay_rng = None  # RNG states a checkpoint of the current state must restore (None: current)
         try:
             with _interrupts_as_exception():
                 while self.progress.step < cfg.run.steps:
-                    step_start_rng = checkpoint.rng_state()
+                    replay_rng = checkpoint.rng_state()
                     step = self.progress.step + 1
                     samples = [train_set[order[(self.progress.data_position + i) % len(order)]]
                                for i in range(cfg.sampling.prompts_per_step)]
                     metrics = self.train_step(samples)
                     self.progress.step = step
                     self.progress.data_position += len(samples)
+                    self._updated_mid_step, replay_rng = False, None
                     row = self.log.log_step(step, metrics)
                     _update_bar(bar, row)
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
@@ -107,9 +110,7 @@ class Trainer:
                     if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
                         self.save()
         except KeyboardInterrupt:
-            self.save(rng=step_start_rng)
-            print(f"\nInterrupted: checkpoint of step {self.progress.step} written; "
-                  f"continue with `wapo train --resume {self.run_dir}`.")
+            self._save_on_interrupt(replay_rng)
             raise
         finally:
             bar.close()
@@ -160,7 +161,7 @@ class Trainer:
                            **alg.loss_options)
         norm = normalizer(alg.loss, batch.advantages, batch.mask, **loss_kwargs)
         all_rows = list(range(len(batch)))
-        if alg.skip_zero_gradient_rows:
+        if alg.skip_zero_gradient_rows and alg.kl_beta == 0:  # the KL term has a gradient on every row
             with_grad = rows_with_gradient(alg.loss, batch.advantages, batch.mask, **loss_kwargs)
             trained = [i for i in all_rows if with_grad[i]]
         else:
@@ -204,6 +205,7 @@ class Trainer:
                 break
             self.progress.bad_steps = 0
             self.optimizer.step()  # parameters without a gradient (nothing trained) stay as they are
+            self._updated_mid_step = True
             self._sync_sampler()
             if epoch == 0:
                 out["grad_norm"] = grad_norm.item()
@@ -267,6 +269,20 @@ class Trainer:
                                             for k, v in results.items()), flush=True)
         return results
 
+    def _save_on_interrupt(self, replay_rng: dict | None) -> None:
+        """Checkpoint unless the interrupted step had already moved the weights.
+
+        Before that, the state is step k's, to be replayed from the RNG states the step began
+        with; after it, the state is half of step k+1 and the last checkpoint is kept instead.
+        """
+        if self._updated_mid_step:
+            last = checkpoint.latest(self.run_dir)
+            print(f"\nInterrupted inside an update: nothing saved; the last checkpoint is {last}.")
+            return
+        self.save(rng=replay_rng)
+        print(f"\nInterrupted: checkpoint of step {self.progress.step} written; "
+              f"continue with `wapo train --resume {self.run_dir}`.")
+
     def save(self, rng: dict | None = None) -> Path:
         return checkpoint.save(self.run_dir, self.progress.step, self.model, self.optimizer, self.scheduler,
                                dataclasses.asdict(self.progress), keep=self.config.run.keep_checkpoints, rng=rng)
@@ -317,6 +333,7 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None) -> T
         sampler = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
     trainer = Trainer(config, run_dir, env, model, tokenizer, optimizer, scheduler, reference, sampler, progress)
     trainer.log = RunLog(run_dir, resume_step=resume_step)
+    trainer.resumed = resume_step is not None
     return trainer
 
 
@@ -326,12 +343,13 @@ def train(config: TrainConfig, *, resume: str | Path | None = None) -> tuple[Pat
 
 
 def _check_loss_options(config: TrainConfig) -> None:
-    from wapo.losses import hyperparameters
-
-    allowed = set(hyperparameters(config.algorithm.loss)) - {"normalizer"}
-    unknown = sorted(set(config.algorithm.loss_options) - allowed)
-    if unknown:
-        raise ValueError(f"loss {config.algorithm.loss!r} has no option {unknown}; valid: {sorted(allowed)}")
+    options = dict(config.algorithm.loss_options)
+    try:
+        check_hyperparameters(config.algorithm.loss, options)
+        if "normalizer" in options:
+            raise TypeError("the trainer sets `normalizer` itself")
+    except TypeError as exc:
+        raise ConfigError(f"--loss-options: {exc}") from None
 
 
 def _new_run_dir(config: TrainConfig) -> Path:
@@ -348,8 +366,6 @@ def _seed_everything(seed: int) -> None:
 
 def _schedule(config: TrainConfig):
     warmup, total, kind = config.optim.warmup_steps, config.run.steps, config.optim.schedule
-    if kind not in ("constant", "linear", "cosine"):
-        raise ValueError(f"unknown schedule {kind!r}; known: constant, cosine, linear")
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -396,7 +412,7 @@ class _Diagnostics:
         self.batch = batch
         shape = batch.mask.shape
         self.seen = torch.zeros(shape[0], dtype=torch.bool)
-        self.fields = {k: torch.zeros(shape) for k in ("entropy", "pred_dentropy", "logp")}
+        self.fields = {k: torch.zeros(shape) for k in ("logp", "entropy", "collision", "pred_dlogp", "pred_dentropy")}
         self.is_peak = torch.zeros(shape, dtype=torch.bool)
         self.loss_metrics: list[tuple[dict, float]] = []
 
@@ -413,9 +429,7 @@ class _Diagnostics:
     def summary(self) -> dict:
         b = self.batch
         mask = b.mask & self.seen.unsqueeze(-1)
-        stats = TokenStats(logp=self.fields["logp"], entropy=self.fields["entropy"], collision=self.fields["logp"],
-                           is_peak=self.is_peak, pred_dlogp=self.fields["logp"],
-                           pred_dentropy=self.fields["pred_dentropy"])
+        stats = TokenStats(is_peak=self.is_peak, **self.fields)
         out = {k: v.item() for k, v in taxonomy_bins(stats, b.advantages, mask).items()}
         n = mask.sum().clamp(min=1)
         out["entropy"] = (self.fields["entropy"] * mask).sum().item() / n.item()

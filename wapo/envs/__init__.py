@@ -18,6 +18,7 @@ import importlib
 import pkgutil
 from typing import Any
 
+from wapo.config import ConfigError
 from wapo.envs.base import Environment, Messages, RewardResult, Sample
 from wapo.envs.base import ENVIRONMENTS as _REGISTRY
 from wapo.registry import Registry
@@ -52,16 +53,19 @@ def make_env(name: str, options: dict[str, Any] | None = None) -> Environment:
     options = dict(options or {})
     if name.startswith(RG_PREFIX):
         if "dataset" in options:
-            raise ValueError(f"{name!r} already names the dataset; drop the 'dataset' option")
+            raise ConfigError(f"{name!r} already names the dataset; drop the 'dataset' option")
         name, options["dataset"] = "rg", name[len(RG_PREFIX) :]
     cls = load_environments()[name]
     valid = sorted(field.name for field in dataclasses.fields(cls) if field.init)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown option(s) {', '.join(unknown)} for environment {name!r}; valid: {', '.join(valid)}"
         )
-    return cls(**options)
+    try:
+        return cls(**options)
+    except ValueError as exc:  # a bad option value or data file: the user's to fix, say where
+        raise ConfigError(f"environment {name!r}: {exc}") from exc
 
 
 def __getattr__(name: str) -> Any:
