@@ -11,8 +11,8 @@ step per sampled batch, no KL term (beta 0, so no reference model on either side
     python benchmarks/vs_trl.py --prompts 2 --samples 2 --max-new-tokens 8 --steps 1   # smoke test
 
 TRL is not a dependency of wapo; install it without letting pip touch torch/transformers:
-`pip install --no-deps trl datasets` and then the pure-Python modules `datasets` needs
-(`pyarrow dill pandas xxhash multiprocess`). Written against trl 1.16.0.
+`pip install --no-deps trl datasets`, then what `datasets` needs that is missing, none of which
+depends on torch (`pyarrow dill pandas xxhash multiprocess`). Written against trl 1.16.0.
 
 Each variant runs in its own subprocess (one model, one optimizer, no state shared), one after
 the other: wapo with its default objective (WAPO), wapo with `loss="grpo"`, then TRL. Each does
