@@ -265,3 +265,30 @@ def test_a_tokenizer_without_chat_template_gets_plain_text(tiny):
     plain.chat_template = None
     assert tok.decode(prompt_ids(plain, env, sample)) == sample["question"] + "\n"
     assert templated != prompt_ids(plain, env, sample)
+
+
+def test_shared_prompt_pass_equals_full_sequences(tiny):
+    # G completions of a prompt share it: running it once must give the same numbers and gradients
+    model, _ = tiny
+    gen = torch.Generator().manual_seed(0)
+    episodes = []
+    for prompt in ([3, 4, 5, 6], [7, 8]):
+        for length in (3, 5, 1):
+            ids = torch.randint(2, 40, (length,), generator=gen).tolist()
+            mask = [True] * (length - 1) + [length > 2]  # a masked-out last token in some rows
+            episodes.append(Episode(prompt_ids=prompt, completion_ids=ids, completion_mask=mask,
+                                    behaviour_logprobs=[0.0] * length))
+    batch = RolloutBatch.from_episodes(episodes, torch.ones(len(episodes)))
+    rows = [0, 3, 1, 4, 5]
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        stats = row_token_stats(model, batch, rows, temperature=0.7, chunk_size=4, share_prompts=share)
+        weights = torch.arange(1.0, stats.logp.numel() + 1).view_as(stats.logp)
+        (stats.logp * weights).sum().backward()
+        results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full, g_full), (shared, g_shared) = results
+    for field in ("logp", "entropy", "collision", "pred_dentropy"):
+        torch.testing.assert_close(getattr(shared, field), getattr(full, field), rtol=1e-5, atol=1e-5)
+    for name in g_full:
+        torch.testing.assert_close(g_shared[name], g_full[name], rtol=1e-3, atol=1e-5)  # float32 sum order

@@ -196,7 +196,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_pat
 def test_gradient_checkpointing_recomputes_activations(tiny_model_dir, tmp_path):
     calls = {}
     for on in (False, True):
-        trainer = build_trainer(_config(tiny_model_dir, tmp_path / str(on), model={"gradient_checkpointing": on},
+        model = {"gradient_checkpointing": on, "share_prompts": False}  # one forward per micro-batch
+        trainer = build_trainer(_config(tiny_model_dir, tmp_path / str(on), model=model,
                                         sampling={"temperature": 3.0}, run={"seed": 1}))
         mlp = trainer.model.model.layers[0].mlp
         count, forward = [0], mlp.forward

@@ -43,6 +43,8 @@ class ModelConfig:
     """Run the training forward/backward under bf16 autocast (weights and optimizer stay float32)."""
     bf16_sampling: bool = False
     """Sample with a bfloat16 copy of the policy, synced after every update (faster generation)."""
+    share_prompts: bool = True
+    """Training passes run each distinct prompt once and its completions on its KV cache (same numbers, fewer tokens)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
     lora_rank: int = 0

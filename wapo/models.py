@@ -9,6 +9,7 @@ in under a second.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -102,6 +103,13 @@ def output_layer(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (V, d) weight and optional bias of the policy's output layer."""
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
+
+
+def cache_argument(module) -> str:
+    """Name of the KV-cache argument of `module.forward`: transformers 5 renamed
+    `past_key_values` to `cache`; accept either version."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def decoder(model):

@@ -12,12 +12,12 @@ replies, which enter the context as tokens with mask 0 (they are not the policy'
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 
 from wapo.envs.base import Environment, Sample
+from wapo.models import cache_argument
 
 
 @dataclass
@@ -76,7 +76,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list
     stopped = [False] * n
     rows = [i for i in range(n) if budgets[i] > 0]  # original index of each row still generating
     keep = torch.as_tensor(rows, dtype=torch.long, device=device)
-    cache, cache_arg = None, _cache_argument(model)
+    cache, cache_arg = None, cache_argument(model)
     step_ids, step_pos, attention = input_ids[keep], positions[keep], attention[keep]
     while rows:
         out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos,
@@ -102,12 +102,6 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list
         step_pos = step_pos[:, -1:] + 1
     model.train(was_training)
     return Generation(tokens=tokens, logprobs=logprobs, stopped=stopped)
-
-
-def _cache_argument(model) -> str:
-    """transformers 5 renamed `past_key_values` to `cache`; accept either version."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -222,7 +222,8 @@ class Trainer:
     def _stats(self, batch: RolloutBatch, rows: list[int]) -> TokenStats:
         return row_token_stats(self.model, batch, rows, temperature=self.config.sampling.temperature,
                                chunk_size=self.config.run.taxonomy_chunk_size,
-                               autocast_dtype=torch.bfloat16 if self.config.model.bf16 else None)
+                               autocast_dtype=torch.bfloat16 if self.config.model.bf16 else None,
+                               share_prompts=self.config.model.share_prompts)
 
     @torch.no_grad()
     def _reference_logp(self, batch: RolloutBatch, rows: list[int]) -> torch.Tensor:
