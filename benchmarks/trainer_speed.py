@@ -3,9 +3,10 @@
 One process, the built-in model, the default step (8 prompts x 8 samples, 48 new tokens):
 
   sampling   one batched call for all 64 rows vs one call per prompt; a bfloat16 sampler copy
-  training   on the *same* sampled batch: GRPO (every row with A != 0 backpropagates) vs WAPO
-             (losers skipped), WAPO without the no-grad diagnostics of skipped rows, and WAPO
-             under bf16 autocast
+  training   on the *same* sampled batch: GRPO (every row with A != 0 backpropagates) with one
+             full sequence per row and with each prompt run once for its G completions; WAPO
+             (losers skipped), WAPO without the no-grad diagnostics of skipped rows, WAPO with
+             losers kept in the backward pass, and WAPO under bf16 autocast
   accuracy   held-out greedy accuracy of the float32 policy and of its bfloat16 copy
 
     python benchmarks/trainer_speed.py [--repeats 2]
@@ -96,18 +97,21 @@ def main() -> None:
     print(f"  (reward mean {rewards.mean():.2f}; {int((rewards > 0).sum())} winners of {len(rewards)})")
     state = copy.deepcopy(model.state_dict())
 
+    model_fields = {"bf16", "share_prompts"}
+
     def train(loss: str, **changes):
         alg = dataclasses.replace(config.algorithm, loss=loss,
-                                  **{k: v for k, v in changes.items() if k != "bf16"})
-        trainer.config = dataclasses.replace(
-            config, algorithm=alg, model=dataclasses.replace(config.model, bf16=changes.get("bf16", False)))
+                                  **{k: v for k, v in changes.items() if k not in model_fields})
+        trainer.config = dataclasses.replace(config, algorithm=alg, model=dataclasses.replace(
+            config.model, **{k: v for k, v in changes.items() if k in model_fields}))
         model.load_state_dict(state)
         adv = compute_advantages(trainer.advantage_name, rewards, g)
         return trainer.update(RolloutBatch.from_episodes(episodes, adv))
 
     rows = []
     for name, loss, changes in [
-        ("GRPO: all rows with A != 0 backpropagate", "grpo", {}),
+        ("GRPO, one full sequence per row", "grpo", {"share_prompts": False}),
+        ("GRPO, each prompt run once (default)", "grpo", {}),
         ("WAPO: losers skipped, no-grad diagnostics on them", "wapo", {}),
         ("WAPO: losers skipped, no diagnostics", "wapo", {"diagnose_skipped_rows": False}),
         ("WAPO: losers in the backward pass (weight 0)", "wapo", {"skip_zero_gradient_rows": False}),
