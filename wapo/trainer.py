@@ -132,7 +132,7 @@ class Trainer:
         scores = score_episodes(self.env, samples, episodes, g)
         self._record_reward_errors(scores)
         rewards = torch.tensor([r.score for r in scores.results], dtype=torch.float32)
-        metrics = reward_metrics(rewards, scores, episodes, g, cfg.sampling.max_new_tokens)
+        metrics = reward_metrics(rewards, scores, episodes, g)
 
         keep = groups_to_keep(rewards, g, cfg.algorithm.dynamic_sampling)
         advantages = compute_advantages(self.advantage_name, rewards[keep], g)
@@ -392,7 +392,8 @@ def groups_to_keep(rewards: torch.Tensor, group_size: int, dynamic_sampling: boo
     return rows.view(-1, group_size)[mixed].flatten()
 
 
-def reward_metrics(rewards, scores, episodes, group_size: int, max_new_tokens: int) -> dict:
+def reward_metrics(rewards, scores, episodes, group_size: int) -> dict:
+    """What the sampled batch earned: rewards, accuracy, mixed groups, lengths, truncation."""
     grouped = rewards.view(-1, group_size)
     lengths = torch.tensor([e.model_tokens for e in episodes], dtype=torch.float32)
     return {
