@@ -11,7 +11,6 @@ import pytest
 from wapo.envs.base import ENVIRONMENTS, RewardResult
 from wapo.envs.multihop import (
     HOTPOTQA_SAMPLE,
-    HotpotQAEnv,
     MultihopEnv,
     format_information,
     last_turn,

@@ -288,7 +288,7 @@ def test_shared_prompt_pass_equals_full_sequences(tiny):
         (stats.logp * weights).sum().backward()
         results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (full, g_full), (shared, g_shared) = results
-    for field in ("logp", "entropy", "collision", "pred_dentropy"):
-        torch.testing.assert_close(getattr(shared, field), getattr(full, field), rtol=1e-5, atol=1e-5)
+    for stat in ("logp", "entropy", "collision", "pred_dentropy"):
+        torch.testing.assert_close(getattr(shared, stat), getattr(full, stat), rtol=1e-5, atol=1e-5)
     for name in g_full:
         torch.testing.assert_close(g_shared[name], g_full[name], rtol=1e-3, atol=1e-5)  # float32 sum order

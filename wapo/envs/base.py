@@ -56,12 +56,15 @@ class Environment:
     """Strings that end a model turn early so the environment can answer (multi-turn only)."""
 
     def train_set(self) -> Sequence[Sample]:
-        """Training problems, in a fixed (seeded) order; the trainer cycles through them."""
-        raise NotImplementedError
+        """Training problems, in a fixed (seeded) order; the trainer cycles through them.
+
+        By default the `_train` list a subclass builds in `__post_init__`.
+        """
+        return self._train
 
     def eval_set(self) -> Sequence[Sample]:
-        """Held-out problems, disjoint from `train_set()`."""
-        raise NotImplementedError
+        """Held-out problems, disjoint from `train_set()` (by default the `_eval` list)."""
+        return self._eval
 
     def prompt(self, sample: Sample) -> Messages:
         """The chat messages that pose `sample` to the model."""

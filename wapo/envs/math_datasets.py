@@ -149,12 +149,6 @@ class MathFileEnv(Environment):
         shuffled = self._shuffled(distinct)
         return shuffled[eval_size:], shuffled[:eval_size]
 
-    def train_set(self) -> list[Sample]:
-        return self._train
-
-    def eval_set(self) -> list[Sample]:
-        return self._eval
-
     def prompt(self, sample: Sample) -> Messages:
         return [{"role": "user", "content": PROMPT.format(question=sample["question"])}]
 

@@ -166,12 +166,6 @@ class SearchQAEnvironment(Environment):
             return HttpRetriever(self.retriever)
         raise ValueError(f'retriever must be "bm25" or an http(s) URL, got {self.retriever!r}')
 
-    def train_set(self) -> list[Sample]:
-        return self._train
-
-    def eval_set(self) -> list[Sample]:
-        return self._eval
-
     def prompt(self, sample: Sample) -> Messages:
         text = PROMPT.format(searches=self.max_turns - 1, question=sample["question"])
         return [{"role": "user", "content": text}]

@@ -85,12 +85,6 @@ class ReasoningGymEnv(Environment):
         data = _create(self.dataset, size=size, seed=seed, config=self.config)
         return (data[index] for index in range(size))
 
-    def train_set(self) -> list[Sample]:
-        return self._train
-
-    def eval_set(self) -> list[Sample]:
-        return self._eval
-
     def prompt(self, sample: Sample) -> Messages:
         return [{"role": "user", "content": PROMPT.format(question=sample["question"])}]
 
