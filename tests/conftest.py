@@ -54,6 +54,8 @@ def _register_test_envs():
 
         raise_every: int = 0
         """Raise in reward() for every n-th call (0 = never)."""
+        raise_on: str = ""
+        """Raise in reward() when the completion starts with one of these characters (stateless)."""
 
         def __post_init__(self):
             self.calls = 0
@@ -71,6 +73,8 @@ def _register_test_envs():
             self.calls += 1
             if self.raise_every and self.calls % self.raise_every == 0:
                 raise ZeroDivisionError("grader bug")
+            if completion[:1] and completion[:1] in self.raise_on:
+                raise ZeroDivisionError("grader bug on " + completion[:1])
             ok = completion[:1] in string.ascii_lowercase + string.digits
             return RewardResult(float(ok), ok, "correct" if ok else "wrong answer")
 

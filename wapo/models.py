@@ -35,6 +35,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix multiplies run natively here: a CUDA GPU that supports them, or a
+    CPU with AMX or AVX512-BF16 (elsewhere bf16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
 def builtin_model_path() -> Path:
     """A plain safetensors copy of the built-in model, converted from the GGUF file once."""
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
