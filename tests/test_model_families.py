@@ -106,10 +106,10 @@ def test_scaled_and_capped_heads_need_their_transform(family):
 def test_one_training_step_has_ratio_one(family, tmp_path):
     name, path = family
     config = cfg.from_dict({
-        "model": {"model": path},
+        "model": {"model": path, "bf16": "false", "bf16_sampling": "false"},  # float32 sampler and trainer
         "env": {"env": "test_digit"},
         "sampling": {"prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 6, "temperature": 3.0},
-        "algorithm": {"updates_per_batch": 1},
+        "algorithm": {"updates_per_batch": 1, "ratio_against": "sampler"},  # ρ = π/μ with μ the sampler's
         "optim": {"lr": 1e-2, "micro_batch_size": 3},
         "run": {"steps": 1, "eval_size": 0, "progress": False, "output_dir": str(tmp_path / "run"),
                 "checkpoint_every": 1, "taxonomy_chunk_size": 5, "seed": 1},
@@ -118,7 +118,7 @@ def test_one_training_step_has_ratio_one(family, tmp_path):
     trainer.fit()
     (row,) = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert row["backward_rows"] > 0  # the ratios below were measured on trained rows
-    # ρ = π/μ before the first update: the trainer's π is the sampler's μ
+    # before the first update the trainer's π is the sampler's μ: ρ = 1 and KL(μ‖π) = 0
     assert abs(row["ratio_mean"] - 1) <= 1e-4 and abs(row["ratio_max"] - 1) <= 1e-4
     assert abs(row["kl_behaviour"]) <= 1e-5
 
