@@ -73,7 +73,7 @@ def _reference_logp(model, batch: RolloutBatch, temperature: float) -> torch.Ten
 @pytest.mark.parametrize("share_prompts", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_trainer_logp_equals_the_models_logits(family, temperature, share_prompts):
-    name, path = family
+    _, path = family
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     batch = _sampled_batch(model, temperature)
     stats = row_token_stats(model, batch, [0, 1, 2, 3], temperature=temperature, chunk_size=5,
@@ -104,7 +104,7 @@ def test_scaled_and_capped_heads_need_their_transform(family):
 
 
 def test_one_training_step_has_ratio_one(family, tmp_path):
-    name, path = family
+    _, path = family
     config = cfg.from_dict({
         "model": {"model": path, "bf16": "false", "bf16_sampling": "false"},  # float32 sampler and trainer
         "env": {"env": "test_digit"},
