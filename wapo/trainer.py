@@ -54,7 +54,7 @@ from wapo.runlog import RunLog, plot_run
 from wapo.sampling import rollout
 from wapo.scoring import score_episodes
 from wapo.taxonomy import TokenStats
-from wapo.update import UpdateSettings, update_policy
+from wapo.update import UpdateResult, UpdateSettings, update_policy
 
 
 class TrainingStopped(RuntimeError):
@@ -186,12 +186,7 @@ class Trainer:
         batch = RolloutBatch.from_episodes([drawn.episodes[i] for i in keep.tolist()], advantages)
 
         t1 = time.perf_counter()
-        update = update_policy(
-            batch, self.update_settings, optimizer=self.optimizer,
-            params=[p for p in self.model.parameters() if p.requires_grad],
-            token_stats=partial(self.token_stats, batch), reference_logp=partial(self.reference_logp, batch),
-            before_optimizer_step=self.interrupts.hold, after_optimizer_step=self._sync_sampler,
-        )
+        update = self.update(batch)
         self.interrupts.hold()  # nothing below may be half-done when an interrupt lands
         self.scheduler.step()
         metrics = {
@@ -232,6 +227,15 @@ class Trainer:
             rewards = torch.tensor([r.score for r in drawn.results]).view(-1, g)
             if int((rewards.max(-1).values > rewards.min(-1).values).sum()) >= need:
                 return drawn
+
+    def update(self, batch: RolloutBatch) -> UpdateResult:
+        """`updates_per_batch` optimizer steps on `batch` (`wapo.update`); interrupts wait from the first."""
+        return update_policy(
+            batch, self.update_settings, optimizer=self.optimizer,
+            params=[p for p in self.model.parameters() if p.requires_grad],
+            token_stats=partial(self.token_stats, batch), reference_logp=partial(self.reference_logp, batch),
+            before_optimizer_step=self.interrupts.hold, after_optimizer_step=self._sync_sampler,
+        )
 
     def commit(self, counters: dict) -> int:
         """Make the step part of the run's progress (the checkpointed state); returns its number."""
