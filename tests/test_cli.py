@@ -97,7 +97,7 @@ def test_a_one_step_run_leaves_config_logs_plots_and_a_checkpoint(one_step_run):
         assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
     checkpoint = run / "checkpoints" / "step_000001"
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors", "progress.json", "trainer.pt"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors", "progress.json", "rng.json", "trainer.pt"]
     assert json.loads((checkpoint / "progress.json").read_text())["data_position"] == 2
 
 
