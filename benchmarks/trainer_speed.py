@@ -7,9 +7,11 @@ One process, the built-in model, the default step (8 prompts x 8 samples, 48 new
              full sequence per row and with each prompt run once for its G completions; WAPO
              (losers skipped), WAPO without the no-grad diagnostics of skipped rows, WAPO with
              losers kept in the backward pass, and WAPO under bf16 autocast
+  agreement  how far bf16 moves log-probabilities on that batch: the bf16 sampler's μ and the
+             bf16-autocast trainer against the float32 trainer (mean |Δ log p|, KL, largest ratio)
   accuracy   held-out greedy accuracy of the float32 policy and of its bfloat16 copy
 
-    python benchmarks/trainer_speed.py [--repeats 2]
+    python benchmarks/trainer_speed.py [--repeats 3]
 
 Times are medians over repeats; ratios are against the first line of each block. The machine
 is noisy: compare ratios within one run, not seconds across runs.
@@ -30,6 +32,7 @@ import torch
 from wapo import config as cfg
 from wapo.advantages import compute_advantages
 from wapo.batch import RolloutBatch
+from wapo.diagnostics import UpdateDiagnostics
 from wapo.evaluate import evaluate
 from wapo.sampling import rollout
 from wapo.scoring import score_episodes
@@ -54,7 +57,7 @@ def report(title: str, rows: list[tuple[str, float]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -63,6 +66,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     config = cfg.from_dict({
+        "model": {"bf16": "false", "bf16_sampling": "false"},  # each variant below sets its own
         "sampling": {"prompts_per_step": args.prompts, "samples_per_prompt": args.samples,
                      "max_new_tokens": args.max_new_tokens},
         "run": {"eval_size": 0, "progress": False, "output_dir": tempfile.mkdtemp(prefix="wapo-bench-")},
@@ -97,16 +101,16 @@ def main() -> None:
     print(f"  (reward mean {rewards.mean():.2f}; {int((rewards > 0).sum())} winners of {len(rewards)})")
     state = copy.deepcopy(model.state_dict())
 
-    model_fields = {"bf16", "share_prompts"}
+    base_precision = trainer.precision
 
-    def train(loss: str, **changes):
-        alg = dataclasses.replace(config.algorithm, loss=loss,
-                                  **{k: v for k, v in changes.items() if k not in model_fields})
-        trainer.config = dataclasses.replace(config, algorithm=alg, model=dataclasses.replace(
-            config.model, **{k: v for k, v in changes.items() if k in model_fields}))
+    def train(loss: str, bf16: bool = False, share_prompts: bool = True, **algorithm):
+        trainer.config = dataclasses.replace(
+            config, algorithm=dataclasses.replace(config.algorithm, loss=loss, **algorithm),
+            model=dataclasses.replace(config.model, share_prompts=share_prompts))
+        trainer.precision = dataclasses.replace(base_precision, bf16=bf16)
         model.load_state_dict(state)
         adv = compute_advantages(trainer.advantage_name, rewards, g)
-        return trainer.update(RolloutBatch.from_episodes(episodes, adv))
+        return trainer.update(RolloutBatch.from_episodes(episodes, adv)).metrics
 
     rows = []
     for name, loss, changes in [
@@ -121,6 +125,14 @@ def main() -> None:
         rows.append((f"{name} [{out['backward_rows']} rows]", seconds))
     report("Training on that batch (one update)", rows)
 
+    model.load_state_dict(state)
+    trainer.config, trainer.precision = config, base_precision
+    bf16_episodes = sample_batched(bf16_copy)
+    print("\nAgreement with the float32 trainer's log-probabilities on the sampled tokens")
+    for name, eps, bf16 in (("float32 sampler μ", episodes, False), ("bfloat16 sampler μ", bf16_episodes, False),
+                            ("bf16-autocast trainer", episodes, True)):
+        print(f"  {name:<24} " + agreement(trainer, eps, g, bf16=bf16))
+
     if args.accuracy_problems:
         held_out = list(env.eval_set())[: args.accuracy_problems]
         model.load_state_dict(state)
@@ -128,6 +140,28 @@ def main() -> None:
         for name, m in (("float32 policy", model), ("bfloat16 copy", copy.deepcopy(model).to(torch.bfloat16))):
             acc = evaluate(m, tok, env, held_out, k=0, temperature=1.0, max_new_tokens=args.max_new_tokens)
             print(f"  {name:<20} {acc['greedy_accuracy']:.3f}")
+
+
+def agreement(trainer, episodes, g: int, *, bf16: bool) -> str:
+    """mean |Δ log p|, k3 KL and the largest ratio between the float32 trainer and `episodes`'
+    recorded μ (bf16=False), or between the float32 and the bf16-autocast trainer (bf16=True)."""
+    batch = RolloutBatch.from_episodes(episodes, torch.zeros(len(episodes)))
+    rows = list(range(len(batch)))
+    with torch.no_grad():
+        fp32 = torch.cat([trainer.token_stats(batch, r).logp for r in batch.micro_batches(rows, 16)])
+        order = [i for r in batch.micro_batches(rows, 16) for i in r]
+        if bf16:
+            trainer.precision = dataclasses.replace(trainer.precision, bf16=True)
+            other = torch.cat([trainer.token_stats(batch, r).logp for r in batch.micro_batches(rows, 16)])
+            trainer.precision = dataclasses.replace(trainer.precision, bf16=False)
+        else:
+            other = batch.old_logprobs[order]
+    diag = UpdateDiagnostics(batch.mask[order], batch.advantages[order])
+    diag.add_mismatch(fp32, other, batch.mask[order])
+    m = diag.summary()
+    smallest = torch.exp((fp32 - other)[batch.mask[order]]).min().item()
+    return (f"mean |Δ log p| {m['mismatch_abs_logp']:.4f} nats/token   KL {m['kl_behaviour']:.5f}   "
+            f"ratio π/μ in [{smallest:.3f}, {m['mismatch_ratio_max']:.3f}]")
 
 
 if __name__ == "__main__":
