@@ -15,14 +15,14 @@ TRL is not a dependency of wapo; install it without letting pip touch torch/tran
 depends on torch (`pyarrow dill pandas xxhash multiprocess`). Written against trl 1.16.0.
 
 Each variant runs in its own subprocess (one model, one optimizer, no state shared), one after
-the other: wapo with its default objective (WAPO), wapo with `loss="grpo"`, then TRL. Each does
-one warm-up step and then `--steps` measured steps; the table shows medians. One more variant,
-`--variants wapo-grpo-all,trl`, runs wapo's GRPO with every row in the backward pass and no
-diagnostic pass: the same backward work as TRL's.
+the other: wapo with its default objective (WAPO), wapo with `loss="grpo"`, wapo's GRPO with
+every row in the backward pass and no diagnostic pass (`wapo-grpo-all`: the same backward work
+as TRL's), then TRL. Each does one warm-up step and then `--steps` measured steps (at least 3
+for a median); the table shows medians.
 
 What is timed
-  wapo   `Trainer.train_step(samples)` as `fit()` calls it (same data order: the permutation of
-         the train set by `run.seed`), wall clock around the call. "generation" is its
+  wapo   `Trainer.train_step()` as `fit()` calls it (same data order: the permutation of the
+         train set by `run.seed`), wall clock around the call. "generation" is its
          `time_sample` (batched sampling, rows dropped from the batch and KV cache as they end);
          "rest" is everything else: rewards, advantages, forward/backward over micro-batches
          of 16 rows, the optimizer step and wapo's per-token diagnostics.
@@ -93,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
-    ap.add_argument("--variants", default="wapo,wapo-grpo,trl",
-                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: wapo,wapo-grpo,trl)")
+    ap.add_argument("--variants", default="wapo,wapo-grpo,wapo-grpo-all,trl",
+                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     ap.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal: one subprocess
     args = ap.parse_args(argv)
     rows = args.prompts * args.samples
@@ -115,13 +115,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_wapo(args, algorithm: dict) -> dict:
-    import numpy as np
-
     from wapo import config as cfg
     from wapo.trainer import build_trainer
 
     config = cfg.from_dict({
-        "model": {"device": "cpu", "threads": args.threads},
+        # float32 sampling and training, as TRL's GRPOTrainer runs on a CPU: the same work
+        "model": {"device": "cpu", "threads": args.threads, "bf16": "false", "bf16_sampling": "false"},
         "sampling": {"prompts_per_step": args.prompts, "samples_per_prompt": args.samples,
                      "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
         "algorithm": {**algorithm, "kl_beta": 0.0, "updates_per_batch": 1},
@@ -130,15 +129,12 @@ def run_wapo(args, algorithm: dict) -> dict:
                 "output_dir": tempfile.mkdtemp(prefix="wapo-vs-trl-")},
     })
     trainer = build_trainer(config)
-    train_set = trainer.env.train_set()
-    order = np.random.default_rng(config.run.seed).permutation(len(train_set))  # as fit() draws
     steps = []
-    for step in range(args.steps + 1):
-        samples = [train_set[order[(step * args.prompts + i) % len(order)]] for i in range(args.prompts)]
+    for _ in range(args.steps + 1):  # the prompts fit() would draw, in its order
         start = time.perf_counter()
-        metrics = trainer.train_step(samples)
+        metrics, counters = trainer.train_step()
         total = time.perf_counter() - start
-        trainer.progress.step += 1
+        trainer.commit(counters)
         steps.append({"total": total, "generation": metrics["time_sample"], "train": metrics["time_train"],
                       "completion_len": metrics["completion_len"], "reward": metrics["reward_mean"],
                       "backward_rows": metrics["backward_rows"]})
