@@ -26,8 +26,6 @@ def test_one_wapo_step_on_the_builtin_model(tmp_path):
         "sampling": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 16},
         "run": {"steps": 1, "eval_size": 0, "progress": False, "output_dir": str(tmp_path / "run"), "seed": 0},
         "optim": {"lr": 1e-5},
-        # float32 sampler and trainer on any hardware: their log-probabilities must then agree
-        "model": {"bf16": "false", "bf16_sampling": "false"},
     })
     trainer = build_trainer(config)
     assert trainer.precision.ratio_against == "trainer"
