@@ -208,7 +208,10 @@ def test_eval_of_a_run_or_of_its_checkpoint_prints_the_same_json(one_step_run, c
     assert by_run == by_checkpoint
     assert by_run["checkpoint"] == str(run / "checkpoints" / "step_000001")
     assert (by_run["env"], by_run["n"]) == ("test_digit", 2)
-    assert 0 <= by_run["greedy_accuracy"] <= 1 and 0 <= by_run["sampled_accuracy"] <= by_run["pass@2"] <= 1
+    # counts over 2 problems (greedy, pass@2) and over 2 x 2 samples
+    for key, total in (("greedy_accuracy", 2), ("pass@2", 2), ("sampled_accuracy", 4)):
+        assert by_run[key] * total == round(by_run[key] * total) and 0 <= by_run[key] <= 1, key
+    assert by_run["sampled_accuracy"] <= by_run["pass@2"]
 
 
 # ---------------------------------------------------------------------------------------------

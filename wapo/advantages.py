@@ -1,4 +1,4 @@
-"""Per-completion advantage estimators (SPEC.md "Advantages").
+"""Per-completion advantage estimators (docs/math.md#advantages).
 
 Every estimator maps rewards `(B,)`, with the `G` samples of each prompt in adjacent rows,
 to advantages `(B,)`.

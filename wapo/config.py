@@ -100,7 +100,7 @@ class AlgorithmConfig:
     advantage: str = ""
     """Advantage estimator (wapo.ADVANTAGES); empty means the one the objective is defined with."""
     loss_options: dict = field(default_factory=dict)
-    """Hyper-parameters of the objective, e.g. {"eps_high": 9.0} (defaults: SPEC.md)."""
+    """Hyper-parameters of the objective, e.g. {"eps_high": 9.0} (defaults: docs/math.md#defaults)."""
     updates_per_batch: int = 1
     """Optimizer steps on each sampled batch; above 1 the importance ratios and clipping matter."""
     dynamic_sampling: bool = False

@@ -1,4 +1,4 @@
-"""Policy objectives: WAPO and the baselines it is compared with (SPEC.md "Objectives").
+"""Policy objectives: WAPO and the baselines it is compared with (docs/math.md#objectives).
 
 Every objective is a pure function registered in `LOSSES` by name, with the signature
 
@@ -171,7 +171,7 @@ def wapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     `ε_high = 9` caps the ratio at 10 (the reference setting).
 
     Paper: "A Gradient Perspective on RLVR Stability and Winner Advantage Policy
-    Optimization", arXiv 2606.16154. SPEC.md "Objectives / WAPO".
+    Optimization", arXiv 2606.16154. docs/math.md#wapo.
     """
     if denominator not in ("all", "contributing"):
         raise ValueError(f"denominator must be 'all' or 'contributing', got {denominator!r}")

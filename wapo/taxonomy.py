@@ -1,6 +1,6 @@
 """Token taxonomy: peak/valley tokens and the first-order effect of a policy-gradient step.
 
-SPEC.md "Token taxonomy". For the logits `z` (at the sampling temperature) of the position
+docs/math.md#token-taxonomy. For the logits `z` (at the sampling temperature) of the position
 that sampled token `s`, with `p = softmax(z)`:
 
     logp  = log p_s                 entropy H = −Σ_k p_k log p_k
