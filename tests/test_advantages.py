@@ -41,3 +41,13 @@ def test_bad_inputs_fail_clearly():
         wapo.compute_advantages("group_norm", torch.ones(4), 1)
     with pytest.raises(KeyError, match="known: best_of_group, group_mean, group_norm, rloo"):
         wapo.compute_advantages("gae", torch.ones(4), 2)
+
+
+@pytest.mark.parametrize("name", sorted(wapo.ADVANTAGES))
+def test_an_empty_batch_has_empty_advantages_without_warnings(name):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = wapo.compute_advantages(name, torch.zeros(0), 4)
+    assert out.shape == (0,) and out.dtype == torch.float32

@@ -69,4 +69,7 @@ def best_of_group(rewards: Tensor, group_size: int) -> Tensor:
 
 def compute_advantages(name: str, rewards: Tensor, group_size: int) -> Tensor:
     """Advantages `(B,)` of rewards `(B,)` by the estimator registered as `name`."""
-    return ADVANTAGES[name](rewards, group_size)
+    estimator = ADVANTAGES[name]
+    if rewards.numel() == 0:  # e.g. dynamic sampling found no mixed group: nothing to estimate
+        return rewards.float()
+    return estimator(rewards, group_size)
