@@ -213,3 +213,12 @@ def test_dynamic_sampling_with_no_mixed_group_skips_the_update(tiny_model_dir, t
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["mixed_group_frac"] == 0 and r["backward_rows"] == 0 for r in rows)
     assert all(torch.equal(before[k], v) for k, v in _weights(trainer.model).items())
+
+
+def test_the_logged_learning_rate_is_the_one_each_update_used(tiny_model_dir, tmp_path):
+    trainer = build_trainer(_config(tiny_model_dir, tmp_path, run={"steps": 3},
+                                    optim={"lr": 0.3, "warmup_steps": 3}, sampling={"temperature": 3.0}))
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # linear warm-up over 3 steps: (step + 1) / 3 of the peak for steps 0, 1, 2
+    assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.2, 0.3])

@@ -188,10 +188,11 @@ class Trainer:
         t1 = time.perf_counter()
         update = self.update(batch)
         self.interrupts.hold()  # nothing below may be half-done when an interrupt lands
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update used
         self.scheduler.step()
         metrics = {
             **reward_metrics(rewards, drawn, g), **update.metrics, "skipped_step": int(not update.finite),
-            "time_sample": t_sample, "time_train": time.perf_counter() - t1, "lr": self.scheduler.get_last_lr()[0],
+            "time_sample": t_sample, "time_train": time.perf_counter() - t1, "lr": lr,
             "tokens_per_second": sum(e.model_tokens for e in drawn.episodes) / max(time.perf_counter() - t0, 1e-9),
             "peak_memory_mb": _peak_memory_mb(), **{f"env_{k}": v for k, v in self.env.metrics().items()},
         }
