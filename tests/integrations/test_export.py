@@ -14,6 +14,7 @@ from wapo.trainer import build_trainer
 
 
 def _trained(model_dir, tmp_path, **model):
+    """A wapo run of one step on the tiny model (its parameters moved); the trainer."""
     config = cfg.from_dict({
         "model": {"model": model_dir, **model},
         "env": {"env": "test_digit"},
@@ -28,6 +29,11 @@ def _trained(model_dir, tmp_path, **model):
     return trainer
 
 
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, tmp_path_factory):
+    return _trained(tiny_model_dir, tmp_path_factory.mktemp("full"))
+
+
 def _logits(model, ids):
     model.eval()
     with torch.no_grad():
@@ -37,10 +43,11 @@ def _logits(model, ids):
 IDS = torch.tensor([[5, 17, 3, 40, 22, 9, 31, 2], [12, 12, 7, 1, 60, 4, 28, 15]])
 
 
-def test_full_weights_export_loads_with_plain_transformers_and_gives_the_same_logits(tiny_model_dir, tmp_path):
+def test_full_weights_export_loads_with_plain_transformers_and_gives_the_same_logits(full_run, tiny_model_dir,
+                                                                                     tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trainer = _trained(tiny_model_dir, tmp_path)
+    trainer = full_run
     out = export_run(trainer.run_dir, tmp_path / "hf")
     exported = AutoModelForCausalLM.from_pretrained(out)
     diff = float((_logits(exported, IDS) - _logits(trainer.model, IDS)).abs().max())
@@ -73,8 +80,8 @@ def test_lora_export_merged_or_as_a_peft_adapter(tiny_model_dir, tmp_path):
         assert diff <= 1e-5
 
 
-def test_export_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
-    trainer = _trained(tiny_model_dir, tmp_path)
+def test_export_command_and_its_errors(full_run, tmp_path, capsys):
+    trainer = full_run
     assert main(["export", str(trainer.run_dir), str(tmp_path / "hf")]) == 0
     assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
     assert main(["export", str(trainer.run_dir), str(tmp_path / "hf")]) == 2  # not empty

@@ -146,7 +146,7 @@ def test_adapter_loss_and_gradient_equal_the_core_on_a_fixed_batch(tiny_model_di
     loss_diff = abs(float(total) - reference.loss.item())
     grad_diff = max(float((p.grad - expected_grads[n]).abs().max()) for n, p in model.named_parameters())
     scale = max(float(g.abs().max()) for g in expected_grads.values())
-    print(f"\n{loss}: loss {float(reference.loss):.6g}, |Δloss| = {loss_diff:.2e}, "
+    print(f"\n{loss}: loss {reference.loss.item():.6g}, |Δloss| = {loss_diff:.2e}, "
           f"max |Δgrad| = {grad_diff:.2e} (largest gradient entry {scale:.2e})")
     assert scale > 0
     assert loss_diff <= 1e-6 * max(1.0, abs(float(reference.loss)))

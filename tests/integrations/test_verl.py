@@ -7,8 +7,10 @@ its own transformers, so it gets its own virtual environment).
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +168,29 @@ def test_verl_loads_the_module_through_verl_use_external_modules():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["wapo.integrations.verl", "wapo.integrations.verl"]
+
+
+def _documented_launch_overrides():
+    """The `key=value` overrides of the verl launch in docs/integrations.md."""
+    text = (Path(__file__).parents[2] / "docs" / "integrations.md").read_text()
+    block = text[text.index("VERL_USE_EXTERNAL_MODULES=wapo.integrations.verl python -m verl.trainer.main_ppo"):]
+    lines = block[: block.index("```")].splitlines()[1:]
+    return [shlex.split(line.rstrip(" \\"))[0] for line in lines if line.strip()]
+
+
+def test_the_documented_launch_fits_verls_config():
+    """Every override of the documented launch names a key of verl's own ppo_trainer config."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    overrides = _documented_launch_overrides()
+    assert "actor_rollout_ref.actor.policy_loss.loss_mode=wapo" in overrides
+    assert "algorithm.adv_estimator=wapo" in overrides
+    config_dir = Path(verl.__file__).parent / "trainer" / "config"
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=overrides)  # unknown keys raise here
+    actor = config.actor_rollout_ref.actor
+    assert actor.clip_ratio_high == 9.0 and actor.loss_agg_mode == "seq-mean-token-sum-norm"
+    assert OmegaConf.select(config, "actor_rollout_ref.actor.loss_scale_factor") == config.data.max_response_length
+    assert actor.calculate_sum_pi_squared is True
+    assert config.data.train_batch_size == actor.ppo_mini_batch_size  # one optimizer step per batch
