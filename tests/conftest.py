@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Llama with a character-level tokenizer, built offline."""
+"""Shared fixtures: tiny random causal LMs with a character-level tokenizer, built offline."""
 
 from __future__ import annotations
 
@@ -11,31 +11,54 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer, 32-wide Llama and a char-level tokenizer with a chat template, saved to disk."""
-    import torch
+def char_tokenizer():
+    """A char-level tokenizer (75 ids: <pad>=0, <eos>=1, then characters) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     chars = list(string.digits + string.ascii_letters + " +-=?.:<>/\n")
     vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
         chat_template="{% for m in messages %}Q:{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}",
     )
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=1, pad_token_id=0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+
+
+@pytest.fixture(scope="session")
+def save_tiny_model(tmp_path_factory):
+    """`save(config_class, **fields) -> folder`: a random 2-layer, 32-wide causal LM of that
+    family (seed 0) and the char-level tokenizer, saved to a fresh folder.
+
+    `fields` override the shared ones (sizes, vocabulary, special ids) or add the family's own.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = char_tokenizer()
+
+    def save(config_class, **fields) -> str:
+        shared = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=None, eos_token_id=1, pad_token_id=0)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config_class(**{**shared, **fields}))
+        path = tmp_path_factory.mktemp(model.config.model_type)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return str(path)
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(save_tiny_model):
+    """A 2-layer, 32-wide Llama with tied embeddings and the char-level tokenizer, saved to disk."""
+    from transformers import LlamaConfig
+
+    return save_tiny_model(LlamaConfig, tie_word_embeddings=True)
 
 
 def _register_test_envs():
@@ -54,6 +77,8 @@ def _register_test_envs():
 
         raise_every: int = 0
         """Raise in reward() for every n-th call (0 = never)."""
+        raise_on: str = ""
+        """Raise in reward() when the completion starts with one of these characters (stateless)."""
 
         def __post_init__(self):
             self.calls = 0
@@ -71,6 +96,8 @@ def _register_test_envs():
             self.calls += 1
             if self.raise_every and self.calls % self.raise_every == 0:
                 raise ZeroDivisionError("grader bug")
+            if completion[:1] and completion[:1] in self.raise_on:
+                raise ZeroDivisionError("grader bug on " + completion[:1])
             ok = completion[:1] in string.ascii_lowercase + string.digits
             return RewardResult(float(ok), ok, "correct" if ok else "wrong answer")
 

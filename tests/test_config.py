@@ -18,7 +18,7 @@ def test_dump_and_reload_round_trip(tmp_path):
 
 def test_types_are_checked_and_coerced():
     config = cfg.from_dict({"optim": {"lr": "1e-5"}, "run": {"steps": "3"}, "model": {"bf16": "true"}})
-    assert (config.optim.lr, config.run.steps, config.model.bf16) == (1e-5, 3, True)
+    assert (config.optim.lr, config.run.steps, config.model.bf16) == (1e-5, 3, "true")
     with pytest.raises(cfg.ConfigError, match=r"run.steps: expected int, got 'many'"):
         cfg.from_dict({"run": {"steps": "many"}})
     with pytest.raises(cfg.ConfigError, match=r"unknown config section\(s\) \['trainer'\]"):
@@ -56,3 +56,15 @@ def test_resolved_config_with_nested_and_missing_options_reads_back(tmp_path):
 def test_out_of_range_values_fail_naming_the_flag(section, key, value, message):
     with pytest.raises(cfg.ConfigError, match=message):
         cfg.from_dict({section: {key: value}})
+
+
+def test_auto_settings_take_auto_true_false_and_booleans_from_files():
+    assert cfg.from_dict({"model": {"bf16": True, "bf16_sampling": False}}).model.bf16_sampling == "false"
+    assert cfg.from_dict({"model": {"bf16": True}}).model.bf16 == "true"
+    assert cfg.TrainConfig().model.bf16 == "auto" and cfg.TrainConfig().algorithm.ratio_against == "auto"
+    with pytest.raises(cfg.ConfigError, match="--bf16 must be auto, true or false"):
+        cfg.from_dict({"model": {"bf16": "maybe"}})
+    with pytest.raises(cfg.ConfigError, match="--ratio-against must be auto, trainer or sampler"):
+        cfg.from_dict({"algorithm": {"ratio_against": "mu"}})
+    with pytest.raises(cfg.ConfigError, match="--tis-cap needs --ratio-against trainer"):
+        cfg.from_dict({"algorithm": {"ratio_against": "sampler", "tis_cap": 2.0}})

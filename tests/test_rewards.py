@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
-from wapo.rewards import extract_answer, grade_math, last_boxed, math_equal, qa_exact_match, qa_f1
+from wapo import rewards
+from wapo.envs.base import Environment
+from wapo.rewards import (
+    GraderUnavailable,
+    extract_answer,
+    grade_math,
+    last_boxed,
+    math_equal,
+    qa_exact_match,
+    qa_f1,
+)
+from wapo.scoring import score_episodes
 
 # --- extraction ------------------------------------------------------------------------------
 
@@ -163,6 +177,106 @@ def test_math_equal_from_many_threads() -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert results == [(True, False)] * 6
+
+
+# --- the grader process: start-up, memory, starts per scoring call ----------------------------
+# `grader_targets.py` (beside this file) holds comparisons that replace math-verify inside the
+# grader process; it imports nothing heavy, so that process starts fast.
+
+
+@pytest.fixture
+def install_grader(monkeypatch):
+    """Make a fresh grader process running `target` the one `math_equal` uses; stopped after."""
+    installed = []
+
+    def install(target: str | None = None, **options) -> rewards._GraderProcess:
+        grader = rewards._GraderProcess(target=target and f"grader_targets:{target}", **options)
+        monkeypatch.setattr(rewards, "_GRADER", grader)
+        installed.append(grader)
+        return grader
+
+    yield install
+    for grader in installed:
+        grader._stop()
+
+
+@dataclass
+class _MathEnv(Environment):
+    """Grades with `grade_math` against `sample["answer"]`, or raises on "boom"."""
+
+    timeout_s: float = rewards.TIMEOUT_S
+
+    def reward(self, sample, completion):
+        if completion == "boom":
+            raise ValueError("boom")
+        return grade_math(completion, sample["answer"], timeout_s=self.timeout_s)
+
+
+def _score(env, completions: list[str], answer: str = "3"):
+    """score_episodes on `completions`, all answering one problem whose answer is `answer`."""
+    return score_episodes(env, [{"answer": answer}], [SimpleNamespace(text=c) for c in completions],
+                          group_size=len(completions))
+
+
+def test_a_grader_that_cannot_start_is_a_counted_reward_error_not_a_crash(install_grader, monkeypatch):
+    install_grader()
+    attempts = []
+
+    def cannot_fork(*args, **kwargs):
+        attempts.append(args)
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(rewards.subprocess, "Popen", cannot_fork)
+    scores = _score(_MathEnv(), ["\\boxed{x+1}", "\\boxed{3}", "\\boxed{\\frac{6}{2}}"])
+    assert [r.reason for r in scores.results] == [
+        "reward error: GraderUnavailable: grader failed to start: OSError: [Errno 12] Cannot allocate "
+        "memory",
+        "correct",  # equal spellings never need the grader process
+        "reward error: GraderUnavailable: grader unavailable: it failed to start earlier in this scoring call",
+    ]
+    assert [r.score for r in scores.results] == [0.0, 1.0, 0.0]
+    assert scores.errors == 2 and len(scores.tracebacks) == 2
+    assert len(attempts) == 1  # a failed start is not retried within the call
+
+
+def test_a_grader_that_dies_during_start_up_says_so(install_grader):
+    install_grader("no_such_comparison")  # the child fails to find it and exits
+    with pytest.raises(GraderUnavailable, match="grader failed to start: the process exited during start-up"):
+        math_equal("x+1", "1+x")
+
+
+def test_an_answer_that_exhausts_the_graders_memory_scores_zero_quickly(install_grader):
+    grader = install_grader("hog", memory_bytes=256 << 20)  # 1 GiB asked, 256 MiB allowed beyond start-up
+    assert grader.verify("a", "a", timeout_s=60)  # started (start-up is not timed)
+    pid = grader._process.pid
+    start = time.perf_counter()
+    result = grade_math("\\boxed{hog}", "3")
+    assert (result.score, result.reason) == (0.0, "grader out of memory")
+    assert time.perf_counter() - start < TIME_BOUND_S
+    assert grader.verify("b", "b", timeout_s=60) and grader._process.pid == pid  # the same process goes on
+
+
+def test_starts_of_the_grader_are_capped_per_scoring_call(install_grader, monkeypatch):
+    install_grader("slow")
+    monkeypatch.setattr(rewards, "MAX_GRADER_STARTS", 2)
+    env = _MathEnv(timeout_s=0.2)
+    scores = _score(env, ["\\boxed{slow}", "\\boxed{slow}", "\\boxed{3}", "\\boxed{slow}", "\\boxed{slow}"])
+    unavailable = "reward error: GraderUnavailable: grader unavailable: started 2 times in this scoring call"
+    # each timeout kills the process; the third "slow" would need a third start
+    assert [r.reason for r in scores.results] == ["grader timeout", "grader timeout", "correct", unavailable,
+                                                  unavailable]
+    assert scores.errors == 2
+
+    again = _score(env, ["\\boxed{slow}"])  # the next call has its own budget and its own count
+    assert ([r.reason for r in again.results], again.errors) == (["grader timeout"], 0)
+
+
+def test_reward_errors_are_counted_per_scoring_call():
+    env = _MathEnv()
+    first = _score(env, ["boom", "\\boxed{3}", "boom"])
+    second = _score(env, ["boom"])
+    assert (first.errors, second.errors) == (2, 1)  # not 3: nothing carries over between calls
+    assert [r.reason for r in second.results] == ["reward error: ValueError: boom"]
 
 
 # --- grading -------------------------------------------------------------------------------

@@ -290,5 +290,5 @@ def test_shared_prompt_pass_equals_full_sequences(tiny):
     (full, g_full), (shared, g_shared) = results
     for stat in ("logp", "entropy", "collision", "pred_dentropy"):
         torch.testing.assert_close(getattr(shared, stat), getattr(full, stat), rtol=1e-5, atol=1e-5)
-    for name in g_full:
-        torch.testing.assert_close(g_shared[name], g_full[name], rtol=1e-3, atol=1e-5)  # float32 sum order
+    for name in g_full:  # float32 summation order only (entries that nearly cancel may differ more)
+        assert (g_shared[name] - g_full[name]).norm() <= 1e-5 * g_full[name].norm() + 1e-7, name

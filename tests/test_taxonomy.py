@@ -80,38 +80,88 @@ def test_cells_forecast_the_entropy_sign():
     assert torch.all(st.pred_dlogp >= 0)
 
 
-@pytest.mark.parametrize("chunk_size", [16, 25, 64, 1000])  # divides N=64 or not, or one chunk
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_chunked_equals_naive_values_and_gradients(chunk_size, with_bias):
-    gen = torch.Generator().manual_seed(3)
-    n, d, v, temp = 64, 8, 40, 0.7
+HEADS = {  # (bias, scale, softcap) of the output head
+    "plain": (False, 1.0, None),
+    "bias": (True, 1.0, None),
+    "scaled": (False, 0.25, None),  # Granite: logits / logits_scaling
+    "softcap": (False, 1.0, 2.0),  # Gemma 2: 2·tanh(r / 2) on logits of std ~3, so the cap bites
+    "all": (True, 3.0, 5.0),
+}
+
+
+def _head_problem(name, *, n=64, d=8, v=40, seed=3):
+    """hidden (n, d), an OutputHead and its logits built with plain autograd ops, in float64."""
+    with_bias, scale, softcap = HEADS[name]
+    gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(v, d, generator=gen, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(v, generator=gen, dtype=torch.float64, requires_grad=True) if with_bias else None
-    tokens = torch.randint(0, v, (n,), generator=gen)
-    upstream = torch.randn(n, generator=gen, dtype=torch.float64)
+    head = wapo.OutputHead(weight, bias, scale, softcap)
+    logits = scale * (hidden @ weight.T + (bias if with_bias else 0))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return hidden, head, logits, gen
 
-    logits = hidden @ weight.T + (bias if with_bias else 0)
+
+@pytest.mark.parametrize("chunk_size", [16, 25, 64, 1000])  # divides N=64 or not, or one chunk
+@pytest.mark.parametrize("head_name", sorted(HEADS))
+def test_chunked_equals_naive_values_and_gradients(chunk_size, head_name):
+    hidden, head, logits, gen = _head_problem(head_name)
+    temp = 0.7
+    tokens = torch.randint(0, logits.shape[1], (logits.shape[0],), generator=gen)
+    upstream = torch.randn(logits.shape[0], generator=gen, dtype=torch.float64)
+
     naive = wapo.token_stats(logits / temp, tokens)
-    chunked = wapo.chunked_token_stats(hidden, weight, tokens, bias=bias, temperature=temp, chunk_size=chunk_size)
+    chunked = wapo.chunked_token_stats(hidden, head, tokens, temperature=temp, chunk_size=chunk_size)
     for field in ("logp", "entropy", "collision", "is_peak", "pred_dlogp", "pred_dentropy"):
         torch.testing.assert_close(getattr(chunked, field).to(getattr(naive, field).dtype),
                                    getattr(naive, field), rtol=1e-5, atol=1e-6)
-    params = [hidden, weight] + ([bias] if with_bias else [])
+    params = [hidden, head.weight] + ([head.bias] if head.bias is not None else [])
     g_naive = torch.autograd.grad((naive.logp * upstream).sum(), params)
     g_chunked = torch.autograd.grad((chunked.logp * upstream).sum(), params)
     for a, b in zip(g_chunked, g_naive):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_gradcheck():
-    gen = torch.Generator().manual_seed(4)
-    hidden = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("head_name", ["softcap", "scaled"])
+def test_the_transform_changes_the_numbers(head_name):
+    # guards the test above: without applying the head's transform, logp would differ
+    hidden, head, logits, gen = _head_problem(head_name)
+    tokens = torch.randint(0, logits.shape[1], (logits.shape[0],), generator=gen)
+    raw = wapo.chunked_token_stats(hidden, head.weight, tokens).logp
+    assert (raw - wapo.token_stats(logits, tokens).logp).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("head_name", ["bias", "all"])
+def test_chunked_gradcheck(head_name):
+    hidden, head, logits, gen = _head_problem(head_name, n=7, d=3, v=5, seed=4)
     tokens = torch.randint(0, 5, (7,), generator=gen)
-    fn = lambda h, w, b: wapo.chunked_token_stats(h, w, tokens, bias=b, temperature=1.3, chunk_size=3).logp
-    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+    def logp(h, w, b):
+        return wapo.chunked_token_stats(h, wapo.OutputHead(w, b, head.scale, head.softcap), tokens,
+                                        temperature=1.3, chunk_size=3).logp
+
+    assert torch.autograd.gradcheck(logp, (hidden, head.weight, head.bias))
+
+
+def test_softcap_gradient_by_hand():
+    # one position, V=2, W=I, h=(r, 0), softcap c=1, τ=1: z = (tanh h_0, tanh h_1) = (tanh r, 0),
+    # log p_0 = z_0 − LSE(z): d/dh_0 = (1 − p_0)·(1 − tanh² r), d/dh_1 = −p_1·(1 − tanh² 0) = −(1 − p_0)
+    # p_0 = σ(tanh 0.8) = σ(0.6640) = 0.6602: grads 0.3398·0.5591 = 0.1900 and −0.3398
+    r = 0.8
+    hidden = torch.tensor([[r, 0.0]], dtype=torch.float64, requires_grad=True)
+    head = wapo.OutputHead(torch.eye(2, dtype=torch.float64), softcap=1.0)
+    (grad,) = torch.autograd.grad(wapo.chunked_token_stats(hidden, head, torch.tensor([0])).logp.sum(), hidden)
+    p0 = 1 / (1 + math.exp(-math.tanh(r)))
+    assert grad[0, 0].item() == pytest.approx((1 - p0) * (1 - math.tanh(r) ** 2), rel=1e-12)
+    assert grad[0, 1].item() == pytest.approx(-(1 - p0), rel=1e-12)
+
+
+def test_output_head_rejects_bad_transforms():
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        wapo.OutputHead(torch.zeros(5, 3), scale=0.0)
+    with pytest.raises(ValueError, match="softcap must be > 0"):
+        wapo.OutputHead(torch.zeros(5, 3), softcap=-1.0)
 
 
 def test_chunked_rejects_bad_shapes():
@@ -149,9 +199,10 @@ def test_chunked_gradient_is_consistent_under_bf16_autocast():
     weight = torch.randn(50, 16, generator=gen, requires_grad=True)
     bias = torch.zeros(50, requires_grad=True)
     tokens = torch.randint(0, 50, (64,), generator=gen)
+    head = wapo.OutputHead(weight, bias)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        stats = wapo.chunked_token_stats(hidden, weight, tokens, bias=bias, chunk_size=16)
+        stats = wapo.chunked_token_stats(hidden, head, tokens, chunk_size=16)
     (g_bias,) = torch.autograd.grad(stats.logp.sum(), bias)
     assert abs(g_bias.sum().item()) < 1e-4
-    plain = wapo.chunked_token_stats(hidden, weight, tokens, bias=bias, chunk_size=16)
+    plain = wapo.chunked_token_stats(hidden, head, tokens, chunk_size=16)
     torch.testing.assert_close(stats.logp, plain.logp)

@@ -6,7 +6,7 @@ The public API (see README.md):
     wapo.policy_loss(name, logprobs, old_logprobs, advantages, mask, max_len=..., ...)  # losses.py
     wapo.kl_penalty(logprobs, ref_logprobs, mask, beta=..., estimator="k3")
     wapo.token_stats(logits, tokens)                             # taxonomy.py
-    wapo.chunked_token_stats(hidden, weight, tokens, ...)
+    wapo.chunked_token_stats(hidden, head, tokens, ...)            # head: wapo.OutputHead or a weight
     wapo.taxonomy_bins(stats, advantages, mask)
     wapo.LOSSES, wapo.ADVANTAGES                                 # registries
 """
@@ -14,7 +14,7 @@ The public API (see README.md):
 from wapo.advantages import ADVANTAGES, compute_advantages
 from wapo.losses import DEFAULT_ADVANTAGE, LOSSES, LossOutput, kl_penalty, policy_loss
 from wapo.registry import Registry
-from wapo.taxonomy import BINS, TokenStats, chunked_token_stats, taxonomy_bins, token_stats
+from wapo.taxonomy import BINS, OutputHead, TokenStats, chunked_token_stats, taxonomy_bins, token_stats
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_ADVANTAGE",
     "LOSSES",
     "LossOutput",
+    "OutputHead",
     "Registry",
     "TokenStats",
     "chunked_token_stats",

@@ -3,7 +3,8 @@
 Rows keep their prompt and completion token ids as lists; each micro-batch is padded only to
 its own longest row. Log-probabilities and the taxonomy come from the memory-safe chunked path
 (`wapo.taxonomy.chunked_token_stats`) applied to the hidden states of the completion's
-trained positions only: no (tokens × vocabulary) logits are ever materialised.
+trained positions and the policy's output head (`wapo.models.output_head`: its output layer
+with any logit scaling or soft-capping): no (tokens × vocabulary) logits are ever materialised.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from wapo.models import cache_argument, decoder, output_layer
+from wapo.models import cache_argument, decoder, output_head
 from wapo.sampling import Episode
 from wapo.taxonomy import TokenStats, chunked_token_stats
 
@@ -71,8 +72,7 @@ def row_token_stats(model, batch: RolloutBatch, rows: list[int], *, temperature:
     hidden_of = _hidden_full if not share_prompts or _checkpointing(body) else _hidden_shared_prompts
     with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         hidden = hidden_of(body, batch, rows, r_idx, j_idx, device)
-        weight, bias = output_layer(model)
-        stats = chunked_token_stats(hidden, weight, batch.completion_ids[rows][r_idx, j_idx].to(device), bias=bias,
+        stats = chunked_token_stats(hidden, output_head(model), batch.completion_ids[rows][r_idx, j_idx].to(device),
                                     temperature=temperature, chunk_size=chunk_size)
     shape = mask.shape
 

@@ -1,14 +1,33 @@
 """Checkpoints: trainable weights (safetensors), optimizer, scheduler, RNG states, progress.
 
-Each checkpoint is a folder `checkpoints/step_NNNNNN/`, written to a temporary folder first
-and renamed into place, so a crash never leaves a half-written checkpoint behind.
+Each checkpoint is a folder `checkpoints/step_N/` (N written with at least six digits) holding
+
+    model.safetensors   the trainable weights
+    trainer.pt          optimizer and scheduler state, torch (and CUDA) RNG states: tensors
+                        and plain containers only, read with `torch.load(weights_only=True)`,
+                        which refuses anything that would run code while unpickling
+    rng.json            the Python and NumPy RNG states (not tensors, so not in trainer.pt)
+    progress.json       the step, the data position and the run's counters
+
+Safe against a crash at any point:
+- a checkpoint is written into a temporary folder `.tmp-*`, flushed to disk, then renamed
+  into place, so a `step_N` folder is always complete;
+- older checkpoints are removed only after the new one is in place, so with `keep=1` there
+  is always one good checkpoint on disk;
+- saving a step that already has a checkpoint moves the old folder aside
+  (`.replaced-step_N`) before renaming the new one in, and deletes it after; if a crash
+  falls between the two renames, the next `latest()` puts the old folder back.
+Checkpoints are ordered by the step number parsed from their name, never by the name's
+spelling (`step_1000000` is newer than `step_999999`); other folders are ignored.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +36,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+_STEP_DIR = re.compile(r"step_(\d+)")
+_REPLACED = ".replaced-"
+
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """The parameters that training changes (all weights, or only LoRA adapters)."""
@@ -24,6 +46,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict:
+    """The torch, Python and NumPy (and CUDA, if present) RNG states, for `set_rng_state`."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -38,32 +61,83 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, progress: dict, *, keep: int = 2,
+def save(run_dir: Path, step: int, model, optimizer, scheduler, progress: dict, *, keep: int = 1,
          rng: dict | None = None) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints.
+    """Write checkpoint `step` atomically, then remove all checkpoints but the `keep` newest.
 
-    `rng`: the RNG states to restore (default: the current ones); an interrupted step passes
-    the states it started from, so resuming replays that step exactly.
+    Kept: the one just written and the `keep - 1` others of highest step (other spellings of
+    the same step are replaced). `rng`: the RNG states to restore (default:
+    the current ones); an interrupted step passes the states it started from, so resuming
+    replays that step exactly. Leftovers of saves that crashed (`.tmp-*`, `.replaced-*`) are
+    removed.
     """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (checkpoints kept on disk), got {keep}")
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    save_file(trainable_state(model), str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
-               tmp / "trainer.pt")
-    (tmp / "progress.json").write_text(json.dumps({**progress, "step": step}, indent=1))
+    try:
+        _write(tmp, model, optimizer, scheduler, {**progress, "step": step}, rng or rng_state())
+    except BaseException:
+        shutil.rmtree(tmp)  # a failed save leaves no partial copy of the weights behind
+        raise
     if target.exists():
-        shutil.rmtree(target)
+        replaced = root / f"{_REPLACED}{target.name}"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(target, replaced)
     os.replace(tmp, target)
-    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+    fsync(root)
+
+    checkpoints = _checkpoint_dirs(root)
+    others = [path for s, path in checkpoints if s != step]
+    duplicates = [path for s, path in checkpoints if s == step and path != target]
+    leftovers = [*root.glob(".tmp-*"), *root.glob(f"{_REPLACED}*")]
+    for path in others[: max(len(others) - (keep - 1), 0)] + duplicates + leftovers:
+        shutil.rmtree(path)
     return target
 
 
+def _write(folder: Path, model, optimizer, scheduler, progress: dict, rng: dict) -> None:
+    """The checkpoint's four files in `folder`, flushed to disk."""
+    save_file(trainable_state(model), str(folder / "model.safetensors"))
+    tensors = {"torch": rng["torch"], **({"cuda": rng["cuda"]} if "cuda" in rng else {})}
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": tensors},
+               folder / "trainer.pt")
+    (folder / "rng.json").write_text(json.dumps(_rng_to_json(rng)))
+    (folder / "progress.json").write_text(json.dumps(progress, indent=1))
+    for file in folder.iterdir():
+        fsync(file)
+    fsync(folder)
+
+
 def latest(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+    """The checkpoint of highest step in `run_dir/checkpoints`, or None if there is none."""
+    checkpoints = _checkpoint_dirs(run_dir / "checkpoints")
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def _checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of each checkpoint `step_N` under `root`, N parsed as an integer, by step.
+
+    A folder `.replaced-step_N` without its `step_N` is the old checkpoint of a save that
+    crashed between its two renames: it is renamed back first. When two spellings name the
+    same step (`step_5`, `step_000005`), the one `save` writes (six digits or more) comes last.
+    """
+    if not root.is_dir():
+        return []
+    for replaced in root.glob(f"{_REPLACED}step_*"):
+        original = root / replaced.name[len(_REPLACED):]
+        if not original.exists():
+            os.replace(replaced, original)
+    found = [(_step_of(path), path) for path in root.iterdir() if path.is_dir()]
+    return sorted(((step, path) for step, path in found if step is not None),
+                  key=lambda item: (item[0], item[1].name == f"step_{item[0]:06d}"))
+
+
+def _step_of(path: Path) -> int | None:
+    match = _STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else None
 
 
 def load_weights(path: Path, model) -> None:
@@ -79,10 +153,52 @@ def load_weights(path: Path, model) -> None:
 
 
 def load(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore everything `save` wrote; returns the progress dict (step, data position, ...)."""
+    """Restore everything `save` wrote; returns the progress dict (step, data position, ...).
+
+    trainer.pt is read with `weights_only=True`: a file holding anything but tensors and plain
+    containers (which unpickling could turn into running code) is refused with a ValueError.
+    """
     load_weights(path, model)
-    state = torch.load(path / "trainer.pt", weights_only=False)
+    try:
+        state = torch.load(path / "trainer.pt", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path / 'trainer.pt'} holds objects other than tensors and plain containers, so loading "
+            f"it could run code: refused. A checkpoint written by `wapo` holds only tensors there "
+            f"(its other state is in rng.json and progress.json). ({error})"
+        ) from error
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    set_rng_state({**state["rng"], **_rng_from_json(json.loads((path / "rng.json").read_text()))})
     return json.loads((path / "progress.json").read_text())
+
+
+def _rng_to_json(state: dict) -> dict:
+    """The Python and NumPy parts of `rng_state()` as JSON (integers, and floats that
+    `json` writes exactly)."""
+    version, internal, gauss_next = state["python"]
+    generator, key, pos, has_gauss, cached_gaussian = state["numpy"]
+    return {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {"generator": generator, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+    }
+
+
+def _rng_from_json(data: dict) -> dict:
+    """The inverse of `_rng_to_json`: the states `random.setstate` and `np.random.set_state` take."""
+    python, numpy = data["python"], data["numpy"]
+    return {
+        "python": (python["version"], tuple(python["state"]), python["gauss_next"]),
+        "numpy": (numpy["generator"], np.array(numpy["key"], dtype=np.uint32), numpy["pos"], numpy["has_gauss"],
+                  numpy["cached_gaussian"]),
+    }
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents to disk (a folder's: its entries, e.g. a rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

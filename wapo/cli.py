@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML or YAML file with [model], [env], [sampling], [algorithm], "
                                         "[optim], [run] sections; flags override it")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --output-dir (default: refuse to reuse a run's folder)")
     cfg.add_flags(train)
     train.set_defaults(func=_train)
 
@@ -80,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{saved} not found: is {args.resume} a wapo run folder?")
         base = cfg.from_dict(cfg.load_file(saved))
     config = _config_from(args, base)
-    run_dir, evals = train(config, resume=args.resume)
+    run_dir, evals = train(config, resume=args.resume, overwrite=args.overwrite)
     print(f"Run folder: {run_dir}")
     if "before" in evals and "after" in evals:
         print("Held-out accuracy:")

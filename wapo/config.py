@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN_MODEL = "builtin:smollm2-135m"
+SWITCH = ("auto", "true", "false")
+"""Values of the settings that `auto` resolves from the hardware."""
 
 
 class ConfigError(ValueError):
@@ -39,10 +41,10 @@ class ModelConfig:
     """Policy to train: the built-in SmolLM2-135M-Instruct, a local Hugging Face folder, or a hub id (when online)."""
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda[:N]"."""
-    bf16: bool = False
-    """Run the training forward/backward under bf16 autocast (weights and optimizer stay float32)."""
-    bf16_sampling: bool = False
-    """Sample with a bfloat16 copy of the policy, synced after every update (faster generation)."""
+    bf16: str = "auto"
+    """Training forward/backward under bf16 autocast (weights and optimizer stay float32): true, false, or auto (on where the hardware has native bf16 matrix instructions)."""
+    bf16_sampling: str = "auto"
+    """Sample with a bfloat16 copy of the policy, synced after every update: true, false, or auto (as for --bf16)."""
     share_prompts: bool = True
     """Training passes run each distinct prompt once and its completions on its KV cache (same numbers, fewer tokens)."""
     gradient_checkpointing: bool = False
@@ -55,6 +57,8 @@ class ModelConfig:
     """torch CPU threads; 0 keeps torch's default."""
 
     def __post_init__(self):
+        for name in ("bf16", "bf16_sampling"):
+            _require(getattr(self, name) in SWITCH, name, "must be auto, true or false")
         _require(self.lora_rank >= 0, "lora_rank", "must be >= 0")
         _require(self.threads >= 0, "threads", "must be >= 0")
 
@@ -100,7 +104,13 @@ class AlgorithmConfig:
     updates_per_batch: int = 1
     """Optimizer steps on each sampled batch; above 1 the importance ratios and clipping matter."""
     dynamic_sampling: bool = False
-    """DAPO's dynamic sampling: drop groups whose rewards are all equal before the update."""
+    """DAPO's dynamic sampling: keep sampling until the batch holds prompts_per_step groups with mixed rewards."""
+    max_sampling_rounds: int = 4
+    """Dynamic sampling: most sampling rounds per step (each draws prompts_per_step prompts); the batch is what they found."""
+    ratio_against: str = "auto"
+    """Denominator of the importance ratio: trainer (π_old recomputed by the trainer), sampler (the sampler's μ), or auto (trainer when the sampler's numerics differ, e.g. bf16)."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling: weight each token by min(π_old/μ, cap) (0 = off; needs ratio_against trainer)."""
     kl_beta: float = 0.0
     """Coefficient of the KL penalty to the initial policy (0 = off: no reference model kept)."""
     kl_estimator: str = "k3"
@@ -114,6 +124,11 @@ class AlgorithmConfig:
         _require(self.updates_per_batch >= 1, "updates_per_batch", "must be >= 1")
         _require(self.kl_beta >= 0, "kl_beta", "must be >= 0")
         _require(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
+        _require(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
+        _require(self.ratio_against in ("auto", "trainer", "sampler"), "ratio_against", "must be auto, trainer or sampler")
+        _require(self.tis_cap >= 0, "tis_cap", "must be >= 0 (0 = off)")
+        _require(not (self.tis_cap and self.ratio_against == "sampler"), "tis_cap",
+                 "needs --ratio-against trainer or auto (against the sampler, π_old = μ and every weight is 1)")
 
 
 @dataclass(frozen=True)
@@ -155,8 +170,8 @@ class RunConfig:
     """Also evaluate every N steps (0 = only before and after)."""
     checkpoint_every: int = 5
     """Write a checkpoint every N steps (and at the end)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk (oldest removed)."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept on disk (oldest removed); each holds the trainable weights and the optimizer state."""
     log_completions: int = 4
     """Sample completions written to completions.jsonl per step."""
     taxonomy_chunk_size: int = 1024
@@ -246,6 +261,8 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             pass
     elif kind is str and isinstance(value, str):
         return value
+    elif kind is str and isinstance(value, bool):  # `bf16 = true` in a file, for the auto/true/false settings
+        return "true" if value else "false"
     raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
 
 

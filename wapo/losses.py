@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -35,10 +35,16 @@ from wapo.registry import Registry
 
 @dataclass(frozen=True)
 class LossOutput:
-    """A scalar loss and its diagnostics (detached 0-d tensors: no `.item()` in the hot path)."""
+    """A scalar loss and its diagnostics (detached 0-d tensors: no `.item()` in the hot path).
+
+    `metrics` are this call's rates (clip fractions, mean ratio, ...); `counts` are the sums
+    and extremes they come from. Rates of a batch split into micro-batches are merged from
+    counts (`merge_counts`, then `metrics_from_counts`), never by averaging rates.
+    """
 
     loss: Tensor
     metrics: dict[str, Tensor]
+    counts: dict[str, Tensor] = field(default_factory=dict)
 
 
 LossFn = Callable[..., LossOutput]
@@ -77,17 +83,18 @@ def policy_loss(
 def hyperparameters(name: str) -> dict[str, object]:
     """The keyword-only hyper-parameters of loss `name` with their defaults.
 
-    `max_len`, `group_size` and `normalizer` describe the batch, not the objective: not listed.
+    `max_len`, `group_size`, `normalizer` and `token_weights` describe the batch, not the
+    objective: not listed.
     """
     params = inspect.signature(LOSSES[name]).parameters.values()
-    skip = {"max_len", "group_size", "normalizer"}
+    skip = {"max_len", "group_size", "normalizer", "token_weights"}
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in skip}
 
 
 def check_hyperparameters(name: str, hparams: dict) -> None:
     """Fail with the valid names if `hparams` holds a key that loss `name` does not take."""
     allowed = hyperparameters(name)
-    unknown = sorted(set(hparams) - set(allowed) - {"normalizer"})
+    unknown = sorted(set(hparams) - set(allowed) - {"normalizer", "token_weights"})
     if unknown:
         raise TypeError(f"loss {name!r} has no hyper-parameter {unknown}; valid: {sorted(allowed)}")
 
@@ -150,6 +157,7 @@ def _requires_groups(name: str, group_size: int | None, batch: int) -> int:
 @register_loss("wapo", advantage="group_mean")
 def wapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+              token_weights: Tensor | None = None,
               eps_high: float = 9.0, denominator: str = "all") -> LossOutput:
     """Winner Advantage Policy Optimization: clipped policy gradient on winners only.
 
@@ -183,7 +191,7 @@ def wapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     clipped_high = ratio > 1 + eps_high
     trained = mask & winners.unsqueeze(-1) & ~clipped_high
     metrics = _ratio_metrics(ratio, mask, advantages, clipped_high, torch.zeros_like(mask), trained)
-    return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
+    return _finish(token_sum(_weighted(per_token, token_weights), mask) / normalizer, normalizer, metrics)
 
 
 def _clipped_surrogate(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
@@ -208,6 +216,7 @@ def _ppo_style(ratio, advantages, mask, eps_low, eps_high):
 @register_loss("grpo", advantage="group_norm")
 def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+              token_weights: Tensor | None = None,
               eps: float = 0.2) -> LossOutput:
     """GRPO: PPO's clipped surrogate, mean over each sequence's tokens, then over sequences.
 
@@ -219,12 +228,13 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
     per_token, metrics = _ppo_style(ratio, advantages, mask, eps, eps)
     normalizer = float(logprobs.shape[0]) if normalizer is None else normalizer
-    return _finish(sequence_mean_sum(per_token, mask) / normalizer, normalizer, metrics)
+    return _finish(sequence_mean_sum(_weighted(per_token, token_weights), mask) / normalizer, normalizer, metrics)
 
 
 @register_loss("dr_grpo", advantage="group_mean")
 def dr_grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                  max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+              token_weights: Tensor | None = None,
                  eps: float = 0.2) -> LossOutput:
     """Dr. GRPO: GRPO's clipped surrogate with a constant normaliser (no length bias).
 
@@ -236,12 +246,13 @@ def dr_grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mas
     ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
     per_token, metrics = _ppo_style(ratio, advantages, mask, eps, eps)
     normalizer = float(logprobs.shape[0] * max_len) if normalizer is None else normalizer
-    return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
+    return _finish(token_sum(_weighted(per_token, token_weights), mask) / normalizer, normalizer, metrics)
 
 
 @register_loss("dapo", advantage="group_norm")
 def dapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+              token_weights: Tensor | None = None,
               eps_low: float = 0.2, eps_high: float = 0.28) -> LossOutput:
     """DAPO: decoupled ("clip-higher") clipping, token mean over the whole batch.
 
@@ -254,12 +265,13 @@ def dapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
     per_token, metrics = _ppo_style(ratio, advantages, mask, eps_low, eps_high)
     normalizer = _token_count(mask) if normalizer is None else normalizer
-    return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
+    return _finish(token_sum(_weighted(per_token, token_weights), mask) / normalizer, normalizer, metrics)
 
 
 @register_loss("gspo", advantage="group_norm")
 def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+              token_weights: Tensor | None = None,
               eps_low: float = 3e-4, eps_high: float = 4e-4) -> LossOutput:
     """GSPO: one length-normalised importance ratio per sequence, clipped per sequence.
 
@@ -267,24 +279,29 @@ def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
         ℓ_i    = −min(s_i A_i, clip(s_i, 1−ε_low, 1+ε_high)·A_i)
         loss   = (1/B) Σ_i ℓ_i
 
+    Computed in the paper's token form (its GSPO-token, and verl's): s_i,t = sg[s_i]·π/sg[π],
+    ℓ(i,t) = −min(s_i,t A_i, clip(s_i,t)·A_i), sequence mean then batch mean. Value and
+    gradient equal the sequence form's; per-token weights (`token_weights`) then act per token.
     Paper: "Group Sequence Policy Optimization", arXiv 2507.18071 (ε = 3e-4 / 4e-4).
     """
     lengths = mask.sum(-1).clamp(min=1)
     seq_ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask).sum(-1) / lengths)
-    per_seq = _clipped_surrogate(seq_ratio.unsqueeze(-1), advantages, eps_low, eps_high).squeeze(-1)
+    own = torch.where(mask, logprobs, torch.zeros_like(logprobs))
+    token_ratio = seq_ratio.detach().unsqueeze(-1) * torch.exp(own - own.detach())
+    per_token = _clipped_surrogate(token_ratio, advantages, eps_low, eps_high)
     clip_high, clip_low = _ppo_clip_masks(seq_ratio.unsqueeze(-1), advantages, eps_low, eps_high)
     rows_clipped = (clip_high | clip_low).squeeze(-1)
     trained = mask & ((advantages != 0) & ~rows_clipped).unsqueeze(-1)
-    token_ratio = seq_ratio.unsqueeze(-1).expand_as(mask)
-    metrics = _ratio_metrics(token_ratio, mask, advantages, clip_high.expand_as(mask),
+    metrics = _ratio_metrics(seq_ratio.unsqueeze(-1).expand_as(mask), mask, advantages, clip_high.expand_as(mask),
                              clip_low.expand_as(mask), trained)
     normalizer = float(logprobs.shape[0]) if normalizer is None else normalizer
-    return _finish(per_seq.sum() / normalizer, normalizer, metrics)
+    return _finish(sequence_mean_sum(_weighted(per_token, token_weights), mask) / normalizer, normalizer, metrics)
 
 
 @register_loss("cispo", advantage="group_norm")
 def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                max_len: int, group_size: int | None = None, normalizer: Tensor | float | None = None,
+              token_weights: Tensor | None = None,
                eps_low: float = 1.0, eps_high: float = 4.0) -> LossOutput:
     """CISPO: REINFORCE weighted by a clipped, stop-gradient importance ratio; no token dropped.
 
@@ -303,13 +320,14 @@ def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask:
     trained = mask & (a != 0)  # clipping caps the weight but never zeroes the gradient
     metrics = _ratio_metrics(ratio, mask, advantages, clip_high, clip_low, trained)
     normalizer = _token_count(mask) if normalizer is None else normalizer
-    return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
+    return _finish(token_sum(_weighted(per_token, token_weights), mask) / normalizer, normalizer, metrics)
 
 
 @register_loss("raft", advantage="best_of_group")
 def raft_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               max_len: int, group_size: int | None = None,
-              normalizer: Tensor | float | None = None) -> LossOutput:
+              normalizer: Tensor | float | None = None,
+              token_weights: Tensor | None = None) -> LossOutput:
     """RAFT: supervised fine-tuning on the selected (A > 0) completions.
 
         ℓ(i,t) = −logπ(i,t) if A_i > 0 else 0
@@ -327,7 +345,7 @@ def raft_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     no_clip = torch.zeros_like(mask)
     metrics = _ratio_metrics(ratio, mask, advantages, no_clip, no_clip, kept)
     normalizer = _token_count(kept) if normalizer is None else normalizer
-    return _finish(token_sum(per_token, mask) / normalizer, normalizer, metrics)
+    return _finish(token_sum(_weighted(per_token, token_weights), mask) / normalizer, normalizer, metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +373,9 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, *, beta: fl
     total = token_sum(per_token, mask)
     normalizer = _token_count(mask) if normalizer is None else normalizer
     # the metric is this batch's own token mean, whatever normaliser the loss uses
-    return LossOutput(loss=beta * total / normalizer, metrics={"kl_ref": (total / _token_count(mask)).detach()})
+    counts = {"kl_sum": total.detach(), "kl_tokens": mask.sum()}
+    return LossOutput(loss=beta * total / normalizer, metrics={"kl_ref": (total / _token_count(mask)).detach()},
+                      counts=counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,13 +394,30 @@ def sequence_mean_sum(per_token: Tensor, mask: Tensor) -> Tensor:
     return (torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1) / lengths).sum()
 
 
+def _weighted(per_token: Tensor, token_weights: Tensor | None) -> Tensor:
+    """ℓ(i,t)·w(i,t): per-token weights such as truncated importance sampling (`tis_weights`)."""
+    return per_token if token_weights is None else per_token * token_weights.detach()
+
+
+def tis_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, *, cap: float) -> Tensor:
+    """Truncated importance sampling: w(i,t) = sg[min(π_old/μ, C)] on masked tokens, 1 elsewhere.
+
+    Corrects for the sampler's numerics μ differing from the trainer's π_old when the ratio
+    is taken against π_old (Yao et al. 2025, "Your efficient RL framework secretly brings
+    you off-policy RL training"). Pass as `token_weights=`. Shapes (B, T); `cap` C > 0.
+    """
+    log_w = torch.where(mask, old_logprobs.detach() - behaviour_logprobs.detach(), torch.zeros_like(old_logprobs))
+    return torch.exp(log_w).clamp(max=cap)
+
+
 def _token_count(mask: Tensor) -> Tensor:
     return mask.sum().clamp(min=1).float()
 
 
-def _finish(loss: Tensor, normalizer: Tensor | float, metrics: dict[str, Tensor]) -> LossOutput:
+def _finish(loss: Tensor, normalizer: Tensor | float, counts: dict[str, Tensor]) -> LossOutput:
+    metrics = metrics_from_counts(counts)
     metrics["normalizer"] = torch.as_tensor(normalizer, dtype=torch.float32).detach()
-    return LossOutput(loss=loss, metrics=metrics)
+    return LossOutput(loss=loss, metrics=metrics, counts=counts)
 
 
 LOSS_METRICS = ("clip_frac_pos", "clip_frac_neg", "ratio_mean", "ratio_min", "ratio_max", "grad_rows", "grad_tokens")
@@ -390,7 +427,7 @@ LOSS_METRICS = ("clip_frac_pos", "clip_frac_neg", "ratio_mean", "ratio_min", "ra
 @torch.no_grad()
 def _ratio_metrics(ratio: Tensor, mask: Tensor, advantages: Tensor, clip_high: Tensor,
                    clip_low: Tensor, trained: Tensor) -> dict[str, Tensor]:
-    """Clip fractions by advantage sign, ratio statistics and what carried gradient.
+    """The counts behind clip fractions by advantage sign, ratio statistics and what carried gradient.
 
     clip_frac_pos / clip_frac_neg: fraction of the masked tokens of rows with A>0 / A<0 whose
     ratio fell outside the clip range (PPO's "clipfrac", split by sign: CleanRL's ppo.py).
@@ -399,14 +436,40 @@ def _ratio_metrics(ratio: Tensor, mask: Tensor, advantages: Tensor, clip_high: T
     pos = mask & (advantages > 0).unsqueeze(-1)
     neg = mask & (advantages < 0).unsqueeze(-1)
     clipped = (clip_high | clip_low) & mask
-    r = ratio[mask]
-    empty = r.numel() == 0
+    r = torch.where(mask, ratio.float(), torch.zeros_like(ratio, dtype=torch.float32))
+    inf = torch.tensor(float("inf"), device=ratio.device)
     return {
-        "clip_frac_pos": (clipped & pos).sum() / pos.sum().clamp(min=1),
-        "clip_frac_neg": (clipped & neg).sum() / neg.sum().clamp(min=1),
-        "ratio_mean": r.mean() if not empty else ratio.new_tensor(1.0),
-        "ratio_min": r.min() if not empty else ratio.new_tensor(1.0),
-        "ratio_max": r.max() if not empty else ratio.new_tensor(1.0),
-        "grad_rows": trained.any(-1).sum(),
-        "grad_tokens": trained.sum(),
+        "clipped_pos": (clipped & pos).sum(), "pos_tokens": pos.sum(),
+        "clipped_neg": (clipped & neg).sum(), "neg_tokens": neg.sum(),
+        "ratio_sum": r.sum(), "tokens": mask.sum(),
+        "ratio_min": torch.where(mask, r, inf).min() if mask.numel() else inf,
+        "ratio_max": torch.where(mask, r, -inf).max() if mask.numel() else -inf,
+        "grad_rows": trained.any(-1).sum(), "grad_tokens": trained.sum(),
+    }
+
+
+def merge_counts(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Counts of micro-batches to the counts of their union: `*_min` / `*_max` keys take the
+    extreme, every other key adds."""
+    out: dict[str, Tensor] = {}
+    for counts in parts:
+        for key, value in counts.items():
+            value = value.detach().float().cpu()
+            merge = torch.minimum if key.endswith("_min") else torch.maximum if key.endswith("_max") else torch.add
+            out[key] = value if key not in out else merge(out[key], value)
+    return out
+
+
+def metrics_from_counts(counts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The `LOSS_METRICS` rates from counts; a ratio statistic with no token is 1 (on-policy)."""
+    tokens = counts["tokens"]
+    any_token, one = tokens > 0, torch.ones((), device=tokens.device)
+    return {
+        "clip_frac_pos": counts["clipped_pos"] / counts["pos_tokens"].clamp(min=1),
+        "clip_frac_neg": counts["clipped_neg"] / counts["neg_tokens"].clamp(min=1),
+        "ratio_mean": torch.where(any_token, counts["ratio_sum"] / tokens.clamp(min=1), one),
+        "ratio_min": torch.where(any_token, counts["ratio_min"], one),
+        "ratio_max": torch.where(any_token, counts["ratio_max"], one),
+        "grad_rows": counts["grad_rows"],
+        "grad_tokens": counts["grad_tokens"],
     }

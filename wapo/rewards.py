@@ -17,7 +17,15 @@ bound the time ourselves, in three layers:
    binomials; the reason names the rule;
 3. the rest runs in a child process (`_GraderProcess`) given `timeout_s` seconds; past them
    the child is killed (and restarted on next use) and the answer scores 0 with reason
-   "grader timeout".
+   "grader timeout". The child's address space is capped (`GRADER_MEMORY_BYTES` beyond what
+   it holds once loaded, on Linux), so an answer that makes SymPy allocate without bound
+   scores 0 with reason "grader out of memory" instead of swapping the machine.
+
+Those are verdicts on the answer. A grader that cannot work at all raises
+`GraderUnavailable` instead, which `wapo.scoring` counts as a reward error: the child failed
+to start (the reason says why), or it was already started `MAX_GRADER_STARTS` times in the
+same scoring call (`grader_start_budget`), which bounds what a batch of answers that each
+time out or crash the child can cost a step.
 
 `math_equal` and `grade_math` are safe to call from several threads at once (they share the
 child process behind a lock).
@@ -25,7 +33,7 @@ child process behind a lock).
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import re
 import socket
@@ -34,8 +42,12 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from decimal import Decimal
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from wapo.envs.base import RewardResult
 
@@ -49,6 +61,10 @@ MAX_EXPONENT = 100_000
 """Largest integer exponent, factorial or binomial argument accepted."""
 MAX_GROUP_EXPONENT = 10
 """Largest integer exponent of a bracketed base such as `(a+b)^{10}`: SymPy expands it."""
+GRADER_MEMORY_BYTES = 2 << 30
+"""Address space the grader process may take beyond what it holds once loaded (2 GiB)."""
+MAX_GRADER_STARTS = 4
+"""Starts of the grader process allowed in one scoring call (`grader_start_budget`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +149,12 @@ def _after_hashes(text: str) -> str | None:
 
 
 class GraderFailure(Exception):
-    """The grader process ran past its time bound or died; the message is the reason."""
+    """The grader process ran past its time or memory bound or died; the message is the reason."""
+
+
+class GraderUnavailable(Exception):
+    """The grader process could not be started, or its starts in this scoring call are spent;
+    the message says which. Raised through `math_equal` and `grade_math`."""
 
 
 def math_equal(pred: str, gold: str, *, timeout_s: float = TIMEOUT_S) -> bool:
@@ -141,14 +162,15 @@ def math_equal(pred: str, gold: str, *, timeout_s: float = TIMEOUT_S) -> bool:
 
     Equal: `1/2` and `0.5`, `\\frac{1}{2}` and `0.5`, `x=3` and `3`, `1,000` and `1000`,
     `\\{1,2\\}` and `\\{2,1\\}`. Refused (False) without parsing: see `_refusal`. Takes at
-    most about `timeout_s` seconds and is thread-safe; see the module docstring.
+    most about `timeout_s` seconds once the grader process runs, and is thread-safe; raises
+    `GraderUnavailable` when that process cannot run. See the module docstring.
     """
     return _compare(pred, gold, timeout_s=timeout_s)[0]
 
 
 def _compare(pred: str, gold: str, *, timeout_s: float) -> tuple[bool, str]:
-    """(equal, reason): "correct", "wrong answer", "grader timeout", "grader crashed" or a
-    refusal such as "answer refused: exponent tower"."""
+    """(equal, reason): "correct", "wrong answer", "grader timeout", "grader out of memory",
+    "grader crashed" or a refusal such as "answer refused: exponent tower"."""
     pred, gold = _strip_math(pred), _strip_math(gold)
     if not pred or not gold:
         return False, "no answer found" if not pred else "empty gold answer"
@@ -250,77 +272,132 @@ def _largest_integer(text: str) -> int:
     return max((int(n) for n in re.findall(r"\d+", text)), default=0)
 
 
-def _verify(pred: str, gold: str) -> bool:
-    """math-verify's parse of both sides as LaTeX math, then its asymmetric verify(gold, pred).
+@dataclass
+class _StartBudget:
+    """Grader process starts left in the current scoring call, and the reason once none are."""
 
-    Wrapping in `$...$` makes math-verify read `x^2+1` or `\\sqrt{2}` as math rather than
-    looking for a number inside prose. Signal-based timeouts are off (None): runs in
-    `_GraderProcess`, which bounds the time.
+    left: int
+    spent: str
+
+
+_START_BUDGET: ContextVar[_StartBudget | None] = ContextVar("grader_start_budget", default=None)
+
+
+@contextlib.contextmanager
+def grader_start_budget(max_starts: int | None = None) -> Iterator[None]:
+    """Within the block, start the grader process at most `max_starts` times (default
+    `MAX_GRADER_STARTS`; first start and restarts after a timeout or crash alike), and never
+    again after a start that failed.
+
+    Past that, each comparison that needs the process raises `GraderUnavailable("grader
+    unavailable: ...")` at once, so a batch of answers that each stall or kill the grader
+    costs at most `max_starts` starts and timeouts. Outside such a block starts are not
+    capped. The budget belongs to the calling thread's context (threads started inside the
+    block are not capped); `wapo.scoring.score_episodes` opens one per call.
     """
-    import math_verify  # deferred: importing it loads SymPy and ANTLR (about a second)
-
-    gold_parsed = math_verify.parse(f"${gold}$", parsing_timeout=None)
-    pred_parsed = math_verify.parse(f"${pred}$", parsing_timeout=None)
-    return bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=None))
+    max_starts = MAX_GRADER_STARTS if max_starts is None else max_starts
+    if max_starts < 1:
+        raise ValueError(f"max_starts must be >= 1, got {max_starts}")
+    token = _START_BUDGET.set(_StartBudget(max_starts, f"grader unavailable: started {max_starts} times in this "
+                                                       "scoring call"))
+    try:
+        yield
+    finally:
+        _START_BUDGET.reset(token)
 
 
 class _GraderProcess:
-    """A child Python process that runs `_verify`, killed and replaced when a call overruns.
+    """A child Python process (`wapo/grader_child.py`) that runs math-verify, killed and
+    replaced when a call overruns.
 
     A process, not a thread, because a thread stuck in SymPy cannot be stopped and would keep
     a CPU (and the GIL) busy. One child serves all threads, one comparison at a time, behind
-    a lock. It is a plain subprocess (`python -c`) talking over a socket pair rather than a
+    a lock. It is a plain subprocess (a script) talking over a socket pair rather than a
     `multiprocessing` "spawn" child, which would re-run the caller's `__main__` and so break
     scripts without an `if __name__ == "__main__"` guard; it is safe beside CUDA and threads
-    (no fork of the parent). Starting it (importing wapo, SymPy and ANTLR) takes a few
-    seconds on first use and is not counted in `timeout_s`. It exits when the parent closes
-    the socket, i.e. when the parent exits.
+    (no fork of the parent). Starting it (importing SymPy and ANTLR) takes a second or two
+    on first use and is not counted in `timeout_s`. It exits when the parent closes the
+    socket, i.e. when the parent exits.
+
+    `target` ("module:function") replaces math-verify as the comparison the child runs (for
+    tests); `memory_bytes` is the address space the child may take beyond what it holds once
+    loaded.
     """
 
     STARTUP_TIMEOUT_S = 120.0
 
-    def __init__(self) -> None:
+    def __init__(self, target: str | None = None, memory_bytes: int = GRADER_MEMORY_BYTES) -> None:
+        self.target, self.memory_bytes = target, memory_bytes
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
 
     def verify(self, pred: str, gold: str, timeout_s: float) -> bool:
-        """`_verify(pred, gold)` in the child; GraderFailure if it overran or died."""
+        """Whether `pred` equals `gold`, decided in the child; GraderFailure if it overran, ran
+        out of memory or died; GraderUnavailable if the child cannot be started."""
         with self._lock:
             conn = self._ensure_started()
             try:
                 conn.send((pred, gold))
                 if not conn.poll(timeout_s):
                     raise GraderFailure("grader timeout")
-                ok, value = conn.recv()
+                status, value = conn.recv()
             except GraderFailure:
                 self._stop()
                 raise
             except (EOFError, OSError) as error:
                 self._stop()
                 raise GraderFailure("grader crashed") from error
-        if not ok:
+        if status == "out of memory":
+            raise GraderFailure("grader out of memory")
+        if status == "error":
             raise RuntimeError(f"math-verify failed inside the grader process: {value}")
         return value
 
     def _ensure_started(self) -> Connection:
+        """The running child's connection, starting one if there is none (within the budget)."""
         if self._process is not None and self._process.poll() is None:
             return self._conn
         self._stop()
+        budget = _START_BUDGET.get()
+        if budget is not None:
+            if budget.left == 0:
+                raise GraderUnavailable(budget.spent)
+            budget.left -= 1
+        try:
+            return self._start()
+        except GraderUnavailable:
+            if budget is not None:
+                budget.left, budget.spent = 0, "grader unavailable: it failed to start earlier in this scoring call"
+            raise
+
+    def _start(self) -> Connection:
+        """Start the child and wait for it to say it is ready; GraderUnavailable if it does not."""
         parent_end, child_end = socket.socketpair()
         fd = child_end.fileno()
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", f"from wapo.rewards import _serve; _serve({fd})"],
-            pass_fds=[fd],
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)},
-        )
-        child_end.close()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, str(_CHILD_SCRIPT), str(fd), str(self.memory_bytes),
+                 *([self.target] if self.target else [])],
+                pass_fds=[fd],
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)},
+            )
+        except OSError as error:
+            parent_end.close()
+            raise GraderUnavailable(f"grader failed to start: {type(error).__name__}: {error}") from error
+        finally:
+            child_end.close()
         self._conn = Connection(parent_end.detach())
-        if not self._conn.poll(self.STARTUP_TIMEOUT_S) or self._conn.recv() != "ready":
-            self._stop()
-            raise RuntimeError(f"the math grader process did not start in {self.STARTUP_TIMEOUT_S} s")
-        return self._conn
+        try:
+            if self._conn.poll(self.STARTUP_TIMEOUT_S):
+                self._conn.recv()  # "ready"; EOFError if the child died
+                return self._conn
+            why = f"was not ready after {self.STARTUP_TIMEOUT_S:.0f} s"
+        except (EOFError, OSError):
+            why = "exited during start-up (its error is on stderr)"
+        self._stop()
+        raise GraderUnavailable(f"grader failed to start: the process {why}")
 
     def _stop(self) -> None:
         if self._process is not None:
@@ -330,35 +407,8 @@ class _GraderProcess:
         self._process = self._conn = None
 
 
-def _serve(fd: int) -> None:
-    """The grader process's loop on socket `fd`: (pred, gold) in, (True, equal) or
-    (False, error text) out, until the parent closes the socket."""
-    conn = Connection(fd)
-    _verify("1", "1")  # load SymPy and ANTLR before saying ready
-    conn.send("ready")
-    while True:
-        try:
-            pred, gold = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send((True, _verify(pred, gold)))
-        except Exception as error:  # reported to the parent, which raises it
-            conn.send((False, f"{type(error).__name__}: {error}"))
-
-
+_CHILD_SCRIPT = Path(__file__).with_name("grader_child.py")
 _GRADER = _GraderProcess()
-
-
-class _DropTimeoutDisabledWarning(logging.Filter):
-    """math-verify warns once that its timeout is off; we bound time ourselves, so drop it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Timeout is disabled" not in record.getMessage()
-
-
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
 
 
 # ---------------------------------------------------------------------------------------------

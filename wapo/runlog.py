@@ -1,18 +1,28 @@
 """The run folder's logs: metrics.jsonl, completions.jsonl, TensorBoard events, PNG plots (and W&B).
 
 metrics.jsonl holds one JSON object per step with stable keys (docs/metrics.md lists them);
-NaN (an empty taxonomy bin) is written as null. On resume, lines past the checkpoint's step
-are dropped first, so the file never holds a step twice.
+NaN (an empty taxonomy bin) is written as null. On resume, the rows of metrics.jsonl,
+completions.jsonl and eval.jsonl past the checkpoint's step are dropped first, so no file
+holds a step twice (`truncate_log`).
+
+A hard kill can cut the last line of a log short. Readers drop such a torn last line; a bad
+line anywhere else is an error. Truncation writes the kept lines to a temporary file beside
+the log, flushes it to disk and renames it over the log, so a kill during truncation leaves
+either the old file or the new one, never a half-written one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from wapo.checkpoint import fsync
 
 
 def _plain(value):
@@ -30,9 +40,10 @@ class RunLog:
         self.sinks = list(sinks)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.completions_path = run_dir / "completions.jsonl"
+        self.eval_path = run_dir / "eval.jsonl"
         if resume_step is not None:
-            for path in (self.metrics_path, self.completions_path):
-                _truncate_after(path, resume_step)
+            for path in (self.metrics_path, self.completions_path, self.eval_path):
+                truncate_log(path, resume_step)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -57,7 +68,7 @@ class RunLog:
                 f.write(json.dumps({"step": step, **item}) + "\n")
 
     def log_eval(self, step: int, name: str, results: dict) -> None:
-        with (self.dir / "eval.jsonl").open("a") as f:
+        with self.eval_path.open("a") as f:
             f.write(json.dumps({"step": step, "when": name, **results}) + "\n")
         if self._tb is not None:
             for key, value in results.items():
@@ -117,16 +128,62 @@ class WandbSink:
 _TB_GROUPS = ("reward_", "time_", "clip_", "ratio_", "pos_", "neg_", "zero_")
 
 
-def _truncate_after(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the rows of the log `path` that a run resumed from checkpoint `step` will write again.
+
+    Dropped: rows with `"step"` > `step`, a torn last line, and in eval.jsonl the "after"
+    evaluation (`"when": "after"`), whatever its step: the resumed run goes on training and
+    evaluates "after" again at its end. Kept: every other row, byte for byte, e.g. the
+    "before" evaluation and those of steps up to `step`. The file is replaced atomically
+    (module docstring); a missing file is left missing. Temporary files that a kill during an
+    earlier truncation left beside the log are removed.
+    """
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        leftover.unlink()
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    data = path.read_bytes()
+    lines, rows = _parse_rows(data, path)
+    keep = [line for line, row in zip(lines, rows) if row["step"] <= step and row.get("when") != "after"]
+    if len(keep) == len(lines) and data.endswith(b"\n"):
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.writelines(line + b"\n" for line in keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    fsync(path.parent)
+
+
+def _parse_rows(data: bytes, path: Path) -> tuple[list[bytes], list[dict]]:
+    """The non-blank lines of the JSON-lines log `data` (read from `path`) and their rows.
+
+    A last line that does not parse (a write cut short by a hard kill) is left out; one that
+    does not parse anywhere else means the file was damaged otherwise: ValueError.
+    """
+    numbered = [(number, line) for number, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
+    lines, rows = [], []
+    for i, (number, line) in enumerate(numbered):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError from a cut character
+            if i == len(numbered) - 1:
+                break
+            raise ValueError(f"{path}, line {number}: not JSON ({error}); only the last line of a log "
+                             f"may be cut short. Remove or repair that line.") from error
+        lines.append(line)
+    return lines, rows
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of `run_dir/metrics.jsonl` (none if absent); a torn last line is left out."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return _parse_rows(path.read_bytes(), path)[1] if path.exists() else []
 
 
 def plot_run(run_dir: Path) -> list[Path]:

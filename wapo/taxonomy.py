@@ -13,10 +13,11 @@ for the logit step `Δz_k = ηA(1[k=s] − p_k)` of one policy-gradient update o
 
 Two paths compute the same fields:
 - `token_stats(logits, tokens)` from full logits, for small problems and as the reference;
-- `chunked_token_stats(hidden, weight, tokens)` from the final hidden states and the output
-  layer, a chunk of positions at a time, so peak extra memory grows with the chunk size and
-  not with tokens × vocabulary. Its `logp` is differentiable (w.r.t. hidden, weight, bias)
-  through a custom backward that recomputes each chunk's logits instead of storing them.
+- `chunked_token_stats(hidden, head, tokens)` from the final hidden states and the output
+  head (`OutputHead`: the output layer and the model's scaling or soft-capping of its logits),
+  a chunk of positions at a time, so peak extra memory grows with the chunk size and not with
+  tokens × vocabulary. Its `logp` is differentiable (w.r.t. hidden, weight, bias) through a
+  custom backward that recomputes each chunk's logits instead of storing them.
 Only `logp` carries gradient; the other fields are detached diagnostics.
 """
 
@@ -42,6 +43,30 @@ class TokenStats:
     """bool: p_s ≥ Σ_k p_k²."""
     pred_dlogp: Tensor
     pred_dentropy: Tensor
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output layer and what its forward applies to the layer's output.
+
+        logits = c·tanh(s·(h·Wᵀ + b) / c)    with softcap c (Gemma 2's `final_logit_softcapping`)
+        logits = s·(h·Wᵀ + b)               without (softcap None)
+
+    weight (V, d), bias (V,) or None. The scale s is Cohere's `logit_scale` (×) or 1 / Granite's
+    `logits_scaling` (÷). The sampling temperature divides these logits, as the sampler divides
+    `model(...).logits`. `wapo.models.output_head(model)` builds it for a loaded model.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self):
+        if not self.scale > 0:
+            raise ValueError(f"OutputHead.scale must be > 0, got {self.scale}")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"OutputHead.softcap must be > 0 or None, got {self.softcap}")
 
 
 def _fields_from_sums(logp: Tensor, entropy: Tensor, collision: Tensor, p2logp: Tensor) -> TokenStats:
@@ -83,15 +108,17 @@ def token_stats(logits: Tensor, tokens: Tensor) -> TokenStats:
     return _fields_from_sums(logp, entropy, collision, p2logp)
 
 
-def chunked_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Tensor | None = None,
-                        temperature: float = 1.0, chunk_size: int = 1024) -> TokenStats:
-    """Taxonomy fields from hidden states, chunk by chunk: logits = (hidden·Wᵀ + b) / temperature.
+def chunked_token_stats(hidden: Tensor, head: OutputHead | Tensor, tokens: Tensor, *, temperature: float = 1.0,
+                        chunk_size: int = 1024) -> TokenStats:
+    """Taxonomy fields from hidden states, chunk by chunk, of the logits `head(hidden) / temperature`.
 
-    hidden (N, d), weight (V, d), bias (V,) or None, tokens (N,) long. Peak extra memory is a
-    few `(chunk_size, V)` buffers (float32, or float64 for float64 inputs), forward and
-    backward; `logp` backpropagates into `hidden`, `weight` and `bias` by recomputing each
-    chunk's logits.
+    hidden (N, d); head an `OutputHead` (a (V, d) weight alone means `OutputHead(weight)`);
+    tokens (N,) long. Peak extra memory is a few `(chunk_size, V)` buffers (float32, or
+    float64 for float64 inputs), forward and backward; `logp` backpropagates into `hidden`,
+    the weight and the bias by recomputing each chunk's logits.
     """
+    head = head if isinstance(head, OutputHead) else OutputHead(head)
+    weight = head.weight
     if hidden.dim() != 2 or tokens.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
         raise ValueError(
             f"expected hidden (N, d), weight (V, d), tokens (N,); got {tuple(hidden.shape)}, "
@@ -102,7 +129,8 @@ def chunked_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     logp, entropy, collision, p2logp = _ChunkedLogProb.apply(
-        hidden, weight, bias, tokens, float(temperature), int(chunk_size)
+        hidden, weight, head.bias, tokens, float(head.scale), head.softcap and float(head.softcap),
+        float(temperature), int(chunk_size)
     )
     return _fields_from_sums(logp, entropy, collision, p2logp)
 
@@ -112,30 +140,38 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    """Logits in float32 (float64 for float64 inputs), with autocast off.
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float, softcap: float | None,
+                  temperature: float) -> Tensor:
+    """The chunk's logits `OutputHead(weight, bias, scale, softcap)(hidden) / temperature`.
 
-    Forward and backward must compute the same logits: backward runs outside any autocast
-    region, so the forward may not use autocast's bf16 matmul either (p would not sum to 1).
+    In float32 (float64 for float64 inputs), with autocast off: forward and backward must
+    compute the same logits, and backward runs outside any autocast region, so the forward may
+    not use autocast's bf16 matmul either (p would not sum to 1). Call without grad: the
+    scaling is done in place.
     """
     dtype = _compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
     with torch.autocast(hidden.device.type, enabled=False):
         logits = hidden.to(dtype) @ weight.to(dtype).T
         if bias is not None:
-            logits = logits + bias.to(dtype)
-    return logits / temperature
+            logits += bias.to(dtype)
+    if softcap is not None:
+        logits.mul_(scale / softcap).tanh_().mul_(softcap)
+    elif scale != 1:
+        logits.mul_(scale)
+    return logits.div_(temperature)
 
 
 class _ChunkedLogProb(torch.autograd.Function):
     """log p_s and the taxonomy sums chunk by chunk; backward recomputes each chunk's logits.
 
-    d log p_s / dz = onehot(s) − p, so for upstream g (per position):
-        dL/dhidden = (g·(onehot − p) / τ) · W,   dL/dW = Σ_n (g·(onehot − p) / τ)ᵀ hidden,
-        dL/db = Σ_n g·(onehot − p) / τ.
+    With r = h·Wᵀ + b the output layer's output and z = logits / τ, d log p_s / dz = onehot − p,
+    and dz/dr = s/τ (no softcap) or (s/τ)·(1 − tanh²(s·r/c)) = (s/τ)·(1 − (τz/c)²) (softcap c),
+    elementwise. For upstream g (per position), δ = g·(onehot − p)·dz/dr:
+        dL/dhidden = δ·W,   dL/dW = Σ_n δᵀ hidden,   dL/db = Σ_n δ.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_size):
+    def forward(ctx, hidden, weight, bias, tokens, scale, softcap, temperature, chunk_size):
         n, dtype = hidden.shape[0], _compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
         logp, entropy, collision, p2logp, lse_all = (
             torch.empty(n, device=hidden.device, dtype=dtype) for _ in range(5)
@@ -143,19 +179,21 @@ class _ChunkedLogProb(torch.autograd.Function):
         with torch.no_grad():
             for start in range(0, n, chunk_size):
                 sl = slice(start, start + chunk_size)
-                logits = _chunk_logits(hidden[sl], weight, bias, temperature)
+                logits = _chunk_logits(hidden[sl], weight, bias, scale, softcap, temperature)
                 lse, entropy[sl], collision[sl], p2logp[sl] = _chunk_sums(logits)
                 lse_all[sl] = lse
                 logp[sl] = logits.gather(-1, tokens[sl].unsqueeze(-1)).squeeze(-1) - lse
                 del logits
         ctx.save_for_backward(hidden, weight, bias, tokens, lse_all)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.head = (scale, softcap, temperature)
+        ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(entropy, collision, p2logp)
         return logp, entropy, collision, p2logp
 
     @staticmethod
     def backward(ctx, grad_logp, *_unused):
         hidden, weight, bias, tokens, lse_all = ctx.saved_tensors
+        scale, softcap, temperature = ctx.head
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
         dtype = lse_all.dtype
@@ -165,21 +203,28 @@ class _ChunkedLogProb(torch.autograd.Function):
             sl = slice(start, start + ctx.chunk_size)
             g = grad_logp[sl].to(dtype)
             with torch.no_grad():
-                logits = _chunk_logits(hidden[sl], weight, bias, ctx.temperature)
-                # dz = g·(onehot − p)/τ, built in place over the logits buffer
-                dz = logits.sub_(lse_all[sl].unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
-                dz.scatter_add_(-1, tokens[sl].unsqueeze(-1), g.unsqueeze(-1))
-                dz.div_(ctx.temperature)
+                z = _chunk_logits(hidden[sl], weight, bias, scale, softcap, temperature)
+                if softcap is None:  # p built in place over the logits buffer
+                    p, slope = z.sub_(lse_all[sl].unsqueeze(-1)).exp_(), None
+                else:  # one more buffer: 1 − tanh² = 1 − (τz/c)², in place over z
+                    p = (z - lse_all[sl].unsqueeze(-1)).exp_()
+                    slope = z.mul_(temperature / softcap).square_().neg_().add_(1)
+                # δ = g·(onehot − p)·dz/dr, built in place over p
+                delta = p.mul_(-g.unsqueeze(-1))
+                delta.scatter_add_(-1, tokens[sl].unsqueeze(-1), g.unsqueeze(-1))
+                if slope is not None:
+                    delta.mul_(slope)
+                delta.mul_(scale / temperature)
                 if need_h:
-                    grad_h[sl] = (dz @ weight.to(dtype)).to(hidden.dtype)
+                    grad_h[sl] = (delta @ weight.to(dtype)).to(hidden.dtype)
                 if need_w:
-                    grad_w += dz.T @ hidden[sl].to(dtype)
+                    grad_w += delta.T @ hidden[sl].to(dtype)
                 if need_b:
-                    grad_b += dz.sum(0)
-                del logits, dz
+                    grad_b += delta.sum(0)
+                del z, p, slope, delta
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def taxonomy_bins(stats: TokenStats, advantages: Tensor, mask: Tensor) -> dict[str, Tensor]:

@@ -1,17 +1,24 @@
-"""The single-machine RLVR trainer: sample → score → advantages → loss → step → log.
+"""The single-machine RLVR trainer: sample → score → advantages → update → log → checkpoint.
 
 One step draws `prompts_per_step` problems, samples `samples_per_prompt` completions of each
 (one group per problem), grades them, turns rewards into advantages, and updates the policy
-with any objective of `wapo.LOSSES`. How a WAPO step differs from a GRPO step here:
+with any objective of `wapo.LOSSES` (`wapo.update`). How a WAPO step differs from a GRPO
+step here:
 
 1. Advantages are `group_mean` (no division by the group's std).
 2. Only winners (A > 0) carry gradient; losers and zero-advantage rows are left out of the
-   backward pass altogether (`rows_with_gradient`), and get a no-grad pass for diagnostics.
+   backward pass altogether (`rows_with_gradient`); their taxonomy comes from sampling.
 3. The ratio is clipped from above only, at 1 + ε_high = 10.
 4. The loss is normalised by the constant B·L, so fewer winners means a smaller step.
 
-Every step logs rewards, the token taxonomy (SPEC.md) of all sampled tokens, clipping, ratio
-and KL statistics, gradient norm, times and memory (docs/metrics.md).
+Every step logs rewards, the token taxonomy (docs/math.md) of all sampled tokens, clipping,
+ratio, sampler-mismatch and KL statistics, gradient norm, times and memory (docs/metrics.md).
+
+A step is all or nothing. Ctrl-C or SIGTERM before its first optimizer step ends the run
+with a checkpoint of the previous step and the RNG states this step began with, so
+`--resume` replays it exactly; from the first optimizer step on, the interrupt waits until
+the step is committed, logged and checkpointed. Counters (reward errors, bad steps) enter
+the checkpointed progress only when their step is committed.
 """
 
 from __future__ import annotations
@@ -20,12 +27,15 @@ import copy
 import dataclasses
 import math
 import random
+import shutil
 import signal
+import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +48,13 @@ from wapo.config import ConfigError, TrainConfig, dump_toml
 from wapo.envs import make_env
 from wapo.envs.base import Environment
 from wapo.evaluate import evaluate
-from wapo.losses import DEFAULT_ADVANTAGE, LOSS_METRICS, LOSSES, check_hyperparameters, kl_penalty, normalizer, policy_loss, rows_with_gradient
-from wapo.models import load_policy, load_tokenizer, resolve_device
+from wapo.losses import DEFAULT_ADVANTAGE, LOSSES, check_hyperparameters
+from wapo.models import load_policy, load_tokenizer, native_bf16, resolve_device
 from wapo.runlog import RunLog, plot_run
 from wapo.sampling import rollout
 from wapo.scoring import score_episodes
-from wapo.taxonomy import TokenStats, taxonomy_bins
+from wapo.taxonomy import TokenStats
+from wapo.update import UpdateResult, UpdateSettings, update_policy
 
 
 class TrainingStopped(RuntimeError):
@@ -61,6 +72,41 @@ class Progress:
     reward_errors: int = 0
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The run's `auto` settings resolved for this hardware (derived, never written to the config)."""
+
+    bf16: bool
+    bf16_sampling: bool
+    ratio_against: str
+
+    @classmethod
+    def resolve(cls, config: TrainConfig, device: torch.device) -> Precision:
+        m, native = config.model, native_bf16(device)
+        bf16 = native if m.bf16 == "auto" else m.bf16 == "true"
+        bf16_sampling = native if m.bf16_sampling == "auto" else m.bf16_sampling == "true"
+        against = config.algorithm.ratio_against
+        if against == "auto":  # the sampler's numerics are the trainer's only when neither is bf16
+            against = "trainer" if bf16 or bf16_sampling else "sampler"
+        return cls(bf16, bf16_sampling, against)
+
+    def describe(self) -> str:
+        on = {True: "on", False: "off"}
+        return (f"bf16 autocast {on[self.bf16]}, bf16 sampler {on[self.bf16_sampling]}, "
+                f"importance ratio against the {self.ratio_against}")
+
+
+@dataclass
+class Sampled:
+    """One step's graded groups (rows of a group adjacent)."""
+
+    samples: list
+    episodes: list
+    results: list
+    errors: int = 0
+    rounds: int = 0
+
+
 @dataclass
 class Trainer:
     """Holds the run's objects; `fit()` is the loop."""
@@ -72,45 +118,53 @@ class Trainer:
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
     reference: torch.nn.Module | None = None
+    """The KL reference when it is a separate model; None with LoRA (the base model, adapters off)."""
     sampler: torch.nn.Module | None = None
     """A bfloat16 copy of the policy that samples (`bf16_sampling`); None samples with `model`."""
     progress: Progress = field(default_factory=Progress)
     log: RunLog | None = None
     resumed: bool = False
-    _updated_mid_step: bool = False
+    interrupts: InterruptGuard = field(default_factory=lambda: InterruptGuard())
+
+    def __post_init__(self):
+        self.train_set = self.env.train_set()
+        self.order = np.random.default_rng(self.config.run.seed).permutation(len(self.train_set))
 
     # ------------------------------------------------------------------------------------
     # The loop
     # ------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, env = self.config, self.env
-        train_set = env.train_set()
-        order = np.random.default_rng(cfg.run.seed).permutation(len(train_set))
+        cfg = self.config
         evals = {}
         if not self.resumed and cfg.run.eval_size > 0:
             evals["before"] = self.evaluate("before")
         bar = _progress_bar(cfg, self.progress.step)
-        replay_rng = None  # RNG states a checkpoint of the current state must restore (None: current)
+        saved = self.progress.step if self.resumed else None  # the step the newest checkpoint holds
+        replay_rng = None  # RNG states an interrupted, uncommitted step starts from
         try:
-            with _interrupts_as_exception():
+            with self.interrupts:
                 while self.progress.step < cfg.run.steps:
                     replay_rng = checkpoint.rng_state()
-                    step = self.progress.step + 1
-                    samples = [train_set[order[(self.progress.data_position + i) % len(order)]]
-                               for i in range(cfg.sampling.prompts_per_step)]
-                    metrics = self.train_step(samples)
-                    self.progress.step = step
-                    self.progress.data_position += len(samples)
-                    self._updated_mid_step, replay_rng = False, None
-                    row = self.log.log_step(step, metrics)
+                    metrics, counters = self.train_step()  # interrupts wait from its first optimizer step
+                    self.interrupts.hold()
+                    step = self.commit(counters)
+                    replay_rng = None
+                    row = self.log.log_step(step, {**metrics, **self.totals()})
                     _update_bar(bar, row)
-                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-                        self.evaluate(f"step {step}")
                     if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
                         self.save()
+                        saved = step
+                    self.interrupts.release()  # an interrupt that waited is raised here
+                    self.stop_if_diverging()
+                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
+                        self.evaluate(f"step {step}")
         except KeyboardInterrupt:
-            self._save_on_interrupt(replay_rng)
+            if saved != self.progress.step:
+                self.save(rng=replay_rng)
+            print(f"\nInterrupted: checkpoint of step {self.progress.step} in {self.run_dir}; "
+                  f"continue with `wapo train --resume {self.run_dir}`.")
             raise
         finally:
             bar.close()
@@ -120,97 +174,95 @@ class Trainer:
         self.log.close()
         return evals
 
-    def train_step(self, samples: list) -> dict:
-        cfg = self.config
-        g = cfg.sampling.samples_per_prompt
+    def train_step(self) -> tuple[dict, dict]:
+        """One step up to its commit: the step's metrics and the counters to commit."""
+        cfg, g = self.config, self.config.sampling.samples_per_prompt
         t0 = time.perf_counter()
-        policy = self.sampler if self.sampler is not None else self.model
-        episodes = rollout(policy, self.tokenizer, self.env, samples, samples_per_prompt=g,
-                           max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                           top_p=cfg.sampling.top_p, max_observation_tokens=cfg.sampling.max_observation_tokens)
+        drawn = self.sample_and_score()
         t_sample = time.perf_counter() - t0
-        scores = score_episodes(self.env, samples, episodes, g)
-        self._record_reward_errors(scores)
-        rewards = torch.tensor([r.score for r in scores.results], dtype=torch.float32)
-        metrics = reward_metrics(rewards, scores, episodes, g)
-
-        keep = groups_to_keep(rewards, g, cfg.algorithm.dynamic_sampling)
+        rewards = torch.tensor([r.score for r in drawn.results], dtype=torch.float32)
+        keep = groups_to_keep(rewards, g, cfg.algorithm.dynamic_sampling, cfg.sampling.prompts_per_step)
         advantages = compute_advantages(self.advantage_name, rewards[keep], g)
-        batch = RolloutBatch.from_episodes([episodes[i] for i in keep.tolist()], advantages)
-        t1 = time.perf_counter()
-        metrics.update(self.update(batch))
-        metrics.update(
-            time_sample=t_sample, time_train=time.perf_counter() - t1, lr=self.scheduler.get_last_lr()[0],
-            tokens_per_second=sum(e.model_tokens for e in episodes) / max(time.perf_counter() - t0, 1e-9),
-            peak_memory_mb=_peak_memory_mb(), reward_errors_total=self.progress.reward_errors,
-            skipped_steps_total=self.progress.skipped_steps,
-            **{f"env_{k}": v for k, v in self.env.metrics().items()},
-        )
-        self.scheduler.step()
-        self.log.log_completions(self.progress.step + 1, [
-            {"prompt": self.env.prompt(samples[i // g])[-1]["content"], "completion": episodes[i].text,
-             "reward": scores.results[i].score, "reason": scores.results[i].reason}
-            for i in range(0, len(episodes), max(1, len(episodes) // max(cfg.run.log_completions, 1)))
-        ][: cfg.run.log_completions])
-        return metrics
+        batch = RolloutBatch.from_episodes([drawn.episodes[i] for i in keep.tolist()], advantages)
 
-    def update(self, batch: RolloutBatch) -> dict:
-        """`updates_per_batch` optimizer steps on one batch; diagnostics of the first pass."""
-        cfg, alg = self.config, self.config.algorithm
-        loss_kwargs = dict(max_len=cfg.sampling.max_new_tokens, group_size=cfg.sampling.samples_per_prompt,
-                           **alg.loss_options)
-        norm = normalizer(alg.loss, batch.advantages, batch.mask, **loss_kwargs)
-        all_rows = list(range(len(batch)))
-        if alg.skip_zero_gradient_rows and alg.kl_beta == 0:  # the KL term has a gradient on every row
-            with_grad = rows_with_gradient(alg.loss, batch.advantages, batch.mask, **loss_kwargs)
-            trained = [i for i in all_rows if with_grad[i]]
+        t1 = time.perf_counter()
+        update = self.update(batch)
+        self.interrupts.hold()  # nothing below may be half-done when an interrupt lands
+        self.scheduler.step()
+        metrics = {
+            **reward_metrics(rewards, drawn, g), **update.metrics, "skipped_step": int(not update.finite),
+            "time_sample": t_sample, "time_train": time.perf_counter() - t1, "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_second": sum(e.model_tokens for e in drawn.episodes) / max(time.perf_counter() - t0, 1e-9),
+            "peak_memory_mb": _peak_memory_mb(), **{f"env_{k}": v for k, v in self.env.metrics().items()},
+        }
+        self.log_completions(drawn)
+        counters = {"prompts": len(drawn.samples), "reward_errors": drawn.errors, "finite": update.finite}
+        return metrics, counters
+
+    def sample_and_score(self) -> Sampled:
+        """Sample G completions of each of `prompts_per_step` prompts and grade them.
+
+        With DAPO's dynamic sampling, further rounds of `prompts_per_step` prompts are drawn
+        until `prompts_per_step` groups have mixed rewards or `max_sampling_rounds` is reached.
+        """
+        cfg, g = self.config, self.config.sampling.samples_per_prompt
+        s, need = cfg.sampling, cfg.sampling.prompts_per_step
+        drawn = Sampled(samples=[], episodes=[], results=[])
+        policy = self.sampler if self.sampler is not None else self.model
+        while True:
+            start = self.progress.data_position + len(drawn.samples)
+            samples = [self.train_set[self.order[(start + i) % len(self.order)]] for i in range(need)]
+            episodes = rollout(policy, self.tokenizer, self.env, samples, samples_per_prompt=g,
+                               max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                               max_observation_tokens=s.max_observation_tokens)
+            scores = score_episodes(self.env, samples, episodes, g)
+            self._record_reward_errors(scores)
+            drawn.samples += samples
+            drawn.episodes += episodes
+            drawn.results += scores.results
+            drawn.errors += scores.errors
+            drawn.rounds += 1
+            if not cfg.algorithm.dynamic_sampling or drawn.rounds >= cfg.algorithm.max_sampling_rounds:
+                return drawn
+            rewards = torch.tensor([r.score for r in drawn.results]).view(-1, g)
+            if int((rewards.max(-1).values > rewards.min(-1).values).sum()) >= need:
+                return drawn
+
+    def update(self, batch: RolloutBatch) -> UpdateResult:
+        """`updates_per_batch` optimizer steps on `batch` (`wapo.update`); interrupts wait from the first."""
+        return update_policy(
+            batch, self.update_settings, optimizer=self.optimizer,
+            params=[p for p in self.model.parameters() if p.requires_grad],
+            token_stats=partial(self.token_stats, batch), reference_logp=partial(self.reference_logp, batch),
+            before_optimizer_step=self.interrupts.hold, after_optimizer_step=self._sync_sampler,
+        )
+
+    def commit(self, counters: dict) -> int:
+        """Make the step part of the run's progress (the checkpointed state); returns its number."""
+        p = self.progress
+        p.step += 1
+        p.data_position += counters["prompts"]
+        p.reward_errors += counters["reward_errors"]
+        if counters["finite"]:
+            p.bad_steps = 0
         else:
-            trained = all_rows
-        skipped = sorted(set(all_rows) - set(trained))
-        diag = _Diagnostics(batch)
-        out = {"backward_rows": len(trained), "skipped_rows": len(skipped), "skipped_step": 0, "grad_norm": None}
-        if alg.diagnose_skipped_rows and skipped:  # before the update: the policy that sampled them
-            with torch.no_grad():
-                for rows in batch.micro_batches(skipped, cfg.optim.micro_batch_size):
-                    diag.add(rows, self._stats(batch, rows))
-        for epoch in range(alg.updates_per_batch):
-            self.optimizer.zero_grad(set_to_none=True)
-            finite = True
-            for rows in batch.micro_batches(trained, cfg.optim.micro_batch_size):
-                stats = self._stats(batch, rows)
-                mask = batch.mask[rows].to(stats.logp.device)
-                old = batch.old_logprobs[rows].to(stats.logp.device)
-                loss_out = policy_loss(alg.loss, stats.logp, old, batch.advantages[rows].to(old.device), mask,
-                                       normalizer=norm, **loss_kwargs)
-                loss = loss_out.loss
-                if alg.kl_beta > 0:
-                    kl = kl_penalty(stats.logp, self._reference_logp(batch, rows), mask, beta=alg.kl_beta,
-                                    estimator=alg.kl_estimator, normalizer=batch.mask.sum().clamp(min=1))
-                    loss = loss + kl.loss
-                    if epoch == 0:
-                        diag.add_metrics(kl.metrics, weight=float(mask.sum()))
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                loss.backward()
-                if epoch == 0:  # the taxonomy of the policy that sampled
-                    diag.add(rows, stats)
-                if epoch == alg.updates_per_batch - 1:  # ratios and clipping bite after the first update
-                    diag.add_metrics(loss_out.metrics, weight=float(mask.sum()))
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm) \
-                if finite and trained else torch.tensor(0.0)
-            if not finite or not torch.isfinite(grad_norm):
-                self._skip_bad_step()
-                out["skipped_step"] = 1
-                break
-            self.progress.bad_steps = 0
-            self.optimizer.step()  # parameters without a gradient (nothing trained) stay as they are
-            self._updated_mid_step = True
-            self._sync_sampler()
-            if epoch == 0:
-                out["grad_norm"] = grad_norm.item()
-        out.update(diag.summary())
-        return out
+            p.bad_steps += 1
+            p.skipped_steps += 1
+            warnings.warn(f"step {p.step}: non-finite loss or gradient, update skipped ({p.bad_steps} in a row)",
+                          stacklevel=2)
+        return p.step
+
+    def totals(self) -> dict:
+        return {"reward_errors_total": self.progress.reward_errors,
+                "skipped_steps_total": self.progress.skipped_steps}
+
+    def stop_if_diverging(self) -> None:
+        if self.progress.bad_steps >= self.config.run.max_bad_steps:
+            last = checkpoint.latest(self.run_dir)
+            raise TrainingStopped(
+                f"{self.progress.bad_steps} consecutive non-finite steps: stopping. Last good checkpoint: "
+                f"{last or 'none (no checkpoint was written yet)'}. Try a lower --lr or --max-grad-norm."
+            )
 
     # ------------------------------------------------------------------------------------
     # Helpers of the loop
@@ -219,19 +271,34 @@ class Trainer:
     def advantage_name(self) -> str:
         return self.config.algorithm.advantage or DEFAULT_ADVANTAGE[self.config.algorithm.loss]
 
-    def _stats(self, batch: RolloutBatch, rows: list[int]) -> TokenStats:
-        return row_token_stats(self.model, batch, rows, temperature=self.config.sampling.temperature,
-                               chunk_size=self.config.run.taxonomy_chunk_size,
-                               autocast_dtype=torch.bfloat16 if self.config.model.bf16 else None,
-                               share_prompts=self.config.model.share_prompts)
+    @property
+    def update_settings(self) -> UpdateSettings:
+        cfg, alg = self.config, self.config.algorithm
+        return UpdateSettings(
+            loss=alg.loss, ratio_against=self.precision.ratio_against, updates_per_batch=alg.updates_per_batch,
+            loss_kwargs=dict(max_len=cfg.sampling.max_new_tokens, group_size=cfg.sampling.samples_per_prompt,
+                             **alg.loss_options),
+            micro_batch_size=cfg.optim.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm,
+            tis_cap=alg.tis_cap, kl_beta=alg.kl_beta, kl_estimator=alg.kl_estimator,
+            skip_zero_gradient_rows=alg.skip_zero_gradient_rows, diagnose_skipped_rows=alg.diagnose_skipped_rows,
+        )
 
-    @torch.no_grad()
-    def _reference_logp(self, batch: RolloutBatch, rows: list[int]) -> torch.Tensor:
-        if self.reference is None:  # LoRA: the reference is the base model with adapters off
-            with self.model.disable_adapter():
-                return self._stats(batch, rows).logp
-        return row_token_stats(self.reference, batch, rows, temperature=self.config.sampling.temperature,
-                               chunk_size=self.config.run.taxonomy_chunk_size).logp
+    def token_stats(self, batch: RolloutBatch, rows: list[int], *, reference: bool = False) -> TokenStats:
+        """The one log-probability pass, for the policy and for the KL reference alike.
+
+        Same autocast, same prompt sharing, same chunked output layer: at step 1 the
+        reference's log-probabilities equal the policy's, so the KL starts at 0.
+        """
+        model = self.reference if reference and self.reference is not None else self.model
+        adapters_off = self.model.disable_adapter() if reference and self.reference is None else nullcontext()
+        with adapters_off, torch.no_grad() if reference else nullcontext():
+            return row_token_stats(model, batch, rows, temperature=self.config.sampling.temperature,
+                                   chunk_size=self.config.run.taxonomy_chunk_size,
+                                   autocast_dtype=torch.bfloat16 if self.precision.bf16 else None,
+                                   share_prompts=self.config.model.share_prompts)
+
+    def reference_logp(self, batch: RolloutBatch, rows: list[int]) -> torch.Tensor:
+        return self.token_stats(batch, rows, reference=True).logp
 
     @torch.no_grad()
     def _sync_sampler(self) -> None:
@@ -239,54 +306,40 @@ class Trainer:
             for mine, theirs in zip(self.sampler.parameters(), self.model.parameters()):
                 mine.copy_(theirs)
 
-    def _skip_bad_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.progress.bad_steps += 1
-        self.progress.skipped_steps += 1
-        warnings.warn(f"step {self.progress.step + 1}: non-finite loss or gradient, update skipped "
-                      f"({self.progress.bad_steps} in a row)", stacklevel=2)
-        if self.progress.bad_steps >= self.config.run.max_bad_steps:
-            last = checkpoint.latest(self.run_dir)
-            raise TrainingStopped(
-                f"{self.progress.bad_steps} consecutive non-finite steps: stopping. Last good checkpoint: "
-                f"{last or 'none (no checkpoint was written yet)'}. Try a lower --lr or --max-grad-norm."
-            )
-
     def _record_reward_errors(self, scores) -> None:
         if scores.errors and self.progress.reward_errors == 0:
             (self.run_dir / "reward_errors.log").write_text(scores.tracebacks[0])
             warnings.warn(f"the reward function raised; such completions score 0 and are counted "
                           f"(first traceback in {self.run_dir / 'reward_errors.log'})", stacklevel=2)
-        self.progress.reward_errors += scores.errors
+
+    def log_completions(self, drawn: Sampled) -> None:
+        g, n = self.config.sampling.samples_per_prompt, self.config.run.log_completions
+        stride = max(1, len(drawn.episodes) // max(n, 1))
+        self.log.log_completions(self.progress.step + 1, [
+            {"prompt": self.env.prompt(drawn.samples[i // g])[-1]["content"], "completion": drawn.episodes[i].text,
+             "reward": drawn.results[i].score, "reason": drawn.results[i].reason}
+            for i in range(0, len(drawn.episodes), stride)
+        ][:n])
 
     def evaluate(self, when: str) -> dict:
+        """Held-out greedy accuracy and pass@k, on an RNG of its own (training's stream is untouched)."""
         cfg = self.config
         samples = list(self.env.eval_set())[: cfg.run.eval_size]
-        results = evaluate(self.model, self.tokenizer, self.env, samples, k=cfg.run.eval_samples,
-                           temperature=cfg.sampling.temperature, max_new_tokens=cfg.sampling.max_new_tokens,
-                           top_p=cfg.sampling.top_p, max_observation_tokens=cfg.sampling.max_observation_tokens)
+        policy = self.sampler if self.sampler is not None else self.model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed + 1_000_003 * (self.progress.step + 1))
+            results = evaluate(policy, self.tokenizer, self.env, samples, k=cfg.run.eval_samples,
+                               temperature=cfg.sampling.temperature, max_new_tokens=cfg.sampling.max_new_tokens,
+                               top_p=cfg.sampling.top_p, max_observation_tokens=cfg.sampling.max_observation_tokens)
         self.log.log_eval(self.progress.step, when, results)
         print(f"[eval {when}] " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in results.items()), flush=True)
         return results
 
-    def _save_on_interrupt(self, replay_rng: dict | None) -> None:
-        """Checkpoint unless the interrupted step had already moved the weights.
-
-        Before that, the state is step k's, to be replayed from the RNG states the step began
-        with; after it, the state is half of step k+1 and the last checkpoint is kept instead.
-        """
-        if self._updated_mid_step:
-            last = checkpoint.latest(self.run_dir)
-            print(f"\nInterrupted inside an update: nothing saved; the last checkpoint is {last}.")
-            return
-        self.save(rng=replay_rng)
-        print(f"\nInterrupted: checkpoint of step {self.progress.step} written; "
-              f"continue with `wapo train --resume {self.run_dir}`.")
-
     def save(self, rng: dict | None = None) -> Path:
         return checkpoint.save(self.run_dir, self.progress.step, self.model, self.optimizer, self.scheduler,
                                dataclasses.asdict(self.progress), keep=self.config.run.keep_checkpoints, rng=rng)
+
 
 
 # ----------------------------------------------------------------------------------------
@@ -294,14 +347,14 @@ class Trainer:
 # ----------------------------------------------------------------------------------------
 
 
-def build_trainer(config: TrainConfig, *, resume: str | Path | None = None) -> Trainer:
-    """Validate every name first (no work is lost to a typo), then load model and state."""
+def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False) -> Trainer:
+    """Validate every name and the run folder first (no work is lost to a typo), then load."""
     alg = config.algorithm
     LOSSES.check(alg.loss)
     ADVANTAGES.check(alg.advantage or DEFAULT_ADVANTAGE[alg.loss])
     env = make_env(config.env.env, config.env.env_options)
     _check_loss_options(config)
-    run_dir = Path(resume) if resume else _new_run_dir(config)
+    run_dir = Path(resume) if resume else _fresh_run_dir(config, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_toml(config))
 
@@ -309,6 +362,8 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None) -> T
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
     device = resolve_device(config.model.device)
+    precision = Precision.resolve(config, device)
+    print(f"Precision: {precision.describe()}", flush=True)
     tokenizer = load_tokenizer(config.model.model)
     model = load_policy(config.model.model, device=device, lora_rank=config.model.lora_rank,
                         lora_alpha=config.model.lora_alpha,
@@ -320,26 +375,25 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None) -> T
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     progress = Progress()
-    resume_step = None
     if resume:
         last = checkpoint.latest(run_dir)
         if last is None:
             raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints to resume from")
         fields = checkpoint.load(last, model, optimizer, scheduler)
         progress = Progress(**{k: fields[k] for k in dataclasses.asdict(progress)})
-        resume_step = progress.step
         print(f"Resuming {run_dir} from step {progress.step}")
     sampler = None
-    if config.model.bf16_sampling:
+    if precision.bf16_sampling:
         sampler = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
-    trainer = Trainer(config, run_dir, env, model, tokenizer, optimizer, scheduler, reference, sampler, progress)
-    trainer.log = RunLog(run_dir, resume_step=resume_step)
-    trainer.resumed = resume_step is not None
+    trainer = Trainer(config, run_dir, env, model, tokenizer, optimizer, scheduler, precision, reference, sampler,
+                      progress)
+    trainer.log = RunLog(run_dir, resume_step=progress.step if resume else None)
+    trainer.resumed = resume is not None
     return trainer
 
 
-def train(config: TrainConfig, *, resume: str | Path | None = None) -> tuple[Path, dict]:
-    trainer = build_trainer(config, resume=resume)
+def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False) -> tuple[Path, dict]:
+    trainer = build_trainer(config, resume=resume, overwrite=overwrite)
     return trainer.run_dir, trainer.fit()
 
 
@@ -347,16 +401,30 @@ def _check_loss_options(config: TrainConfig) -> None:
     options = dict(config.algorithm.loss_options)
     try:
         check_hyperparameters(config.algorithm.loss, options)
-        if "normalizer" in options:
-            raise TypeError("the trainer sets `normalizer` itself")
+        if "normalizer" in options or "token_weights" in options:
+            raise TypeError("the trainer sets `normalizer` and `token_weights` itself")
     except TypeError as exc:
         raise ConfigError(f"--loss-options: {exc}") from None
 
 
-def _new_run_dir(config: TrainConfig) -> Path:
-    if config.run.output_dir:
-        return Path(config.run.output_dir)
-    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.algorithm.loss}"
+RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints")
+"""What marks a folder as holding a run."""
+
+
+def _fresh_run_dir(config: TrainConfig, *, overwrite: bool) -> Path:
+    """The new run's folder; one that already holds a run is never silently reused."""
+    if not config.run.output_dir:
+        return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.algorithm.loss}"
+    path = Path(config.run.output_dir)
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    if not any((path / name).exists() for name in RUN_FILES):
+        raise ConfigError(f"--output-dir {path} is not empty and holds no wapo run: choose a new or empty folder")
+    if not overwrite:
+        raise ConfigError(f"--output-dir {path} already holds a run: continue it with `wapo train --resume {path}` "
+                          f"or replace it with --overwrite")
+    shutil.rmtree(path)
+    return path
 
 
 def _seed_everything(seed: int) -> None:
@@ -382,82 +450,30 @@ def _schedule(config: TrainConfig):
 # ----------------------------------------------------------------------------------------
 
 
-def groups_to_keep(rewards: torch.Tensor, group_size: int, dynamic_sampling: bool) -> torch.Tensor:
-    """Row indices kept for the update: all, or (DAPO) those of groups with mixed rewards."""
-    rows = torch.arange(rewards.numel())
+def groups_to_keep(rewards: torch.Tensor, group_size: int, dynamic_sampling: bool, groups: int) -> torch.Tensor:
+    """Row indices kept for the update: all, or (DAPO) those of the first `groups` mixed groups."""
+    rows = torch.arange(rewards.numel()).view(-1, group_size)
     if not dynamic_sampling:
-        return rows
+        return rows.flatten()
     grouped = rewards.view(-1, group_size)
     mixed = grouped.max(-1).values > grouped.min(-1).values
-    return rows.view(-1, group_size)[mixed].flatten()
+    return rows[mixed][:groups].flatten()
 
 
-def reward_metrics(rewards, scores, episodes, group_size: int) -> dict:
-    """What the sampled batch earned: rewards, accuracy, mixed groups, lengths, truncation."""
+def reward_metrics(rewards: torch.Tensor, drawn: Sampled, group_size: int) -> dict:
+    """What the sampled groups earned: rewards, accuracy, mixed groups, lengths, truncation."""
     grouped = rewards.view(-1, group_size)
-    lengths = torch.tensor([e.model_tokens for e in episodes], dtype=torch.float32)
+    lengths = torch.tensor([e.model_tokens for e in drawn.episodes], dtype=torch.float32)
     return {
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-        "accuracy": sum(r.correct for r in scores.results) / len(scores.results),
+        "accuracy": sum(r.correct for r in drawn.results) / len(drawn.results),
         "mixed_group_frac": (grouped.max(-1).values > grouped.min(-1).values).float().mean().item(),
         "completion_len": lengths.mean().item(),
-        "truncated_frac": sum(not e.finished for e in episodes) / len(episodes),
-        "reward_errors": scores.errors,
+        "truncated_frac": sum(not e.finished for e in drawn.episodes) / len(drawn.episodes),
+        "reward_errors": drawn.errors,
+        "sampling_rounds": drawn.rounds,
     }
-
-
-class _Diagnostics:
-    """Collects per-token statistics and loss metrics over micro-batches into batch tensors."""
-
-    def __init__(self, batch: RolloutBatch):
-        self.batch = batch
-        shape = batch.mask.shape
-        self.seen = torch.zeros(shape[0], dtype=torch.bool)
-        self.fields = {k: torch.zeros(shape) for k in ("logp", "entropy", "collision", "pred_dlogp", "pred_dentropy")}
-        self.is_peak = torch.zeros(shape, dtype=torch.bool)
-        self.loss_metrics: list[tuple[dict, float]] = []
-
-    def add(self, rows: list[int], stats: TokenStats) -> None:
-        idx = torch.as_tensor(rows)
-        self.seen[idx] = True
-        for k in self.fields:
-            self.fields[k][idx] = getattr(stats, k).detach().float().cpu()
-        self.is_peak[idx] = stats.is_peak.cpu()
-
-    def add_metrics(self, metrics: dict, weight: float) -> None:
-        self.loss_metrics.append(({k: v.detach().float().cpu() for k, v in metrics.items()}, float(weight)))
-
-    def summary(self) -> dict:
-        b = self.batch
-        mask = b.mask & self.seen.unsqueeze(-1)
-        stats = TokenStats(is_peak=self.is_peak, **self.fields)
-        out = {k: v.item() for k, v in taxonomy_bins(stats, b.advantages, mask).items()}
-        n = mask.sum().clamp(min=1)
-        out["entropy"] = (self.fields["entropy"] * mask).sum().item() / n.item()
-        # k3 estimate of KL(μ‖π) from tokens sampled by μ: r = π/μ, k3 = (r − 1) − log r
-        log_r = torch.where(mask, self.fields["logp"] - b.old_logprobs, torch.zeros(()))
-        out["kl_behaviour"] = ((torch.expm1(log_r) - log_r) * mask).sum().item() / n.item()
-        out.update(_merge_loss_metrics(self.loss_metrics))
-        return out
-
-
-def _merge_loss_metrics(items: list[tuple[dict, float]]) -> dict:
-    """Micro-batch metrics to batch metrics: counts add, extremes take max/min, rest token-weighted."""
-    out: dict = {key: None for key in LOSS_METRICS}  # stable keys: null when no row trained
-    out.update(grad_rows=0, grad_tokens=0)
-    for key in dict.fromkeys(k for m, _ in items for k in m):
-        values = [(m[key], w) for m, w in items if key in m]
-        if key in ("grad_rows", "grad_tokens"):
-            out[key] = sum(v.item() for v, _ in values)
-        elif key.endswith("_max"):
-            out[key] = max(v.item() for v, _ in values)
-        elif key.endswith("_min"):
-            out[key] = min(v.item() for v, _ in values)
-        elif key != "normalizer":
-            total = sum(w for _, w in values) or 1.0
-            out[key] = sum(v.item() * w for v, w in values) / total
-    return out
 
 
 def _peak_memory_mb() -> float:
@@ -481,21 +497,44 @@ def _update_bar(bar, row: dict) -> None:
     bar.update(1)
 
 
-@contextmanager
-def _interrupts_as_exception():
-    """SIGTERM behaves like Ctrl-C (both end with a checkpoint)."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+class InterruptGuard:
+    """Ctrl-C and SIGTERM as KeyboardInterrupt, except while `hold()`ing: then they wait.
 
-    previous = signal.signal(signal.SIGTERM, handler) if _main_thread() else None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    Used as a context manager around the loop (it installs the handlers in the main thread).
+    `hold()` starts a section that must not be cut (an optimizer step, committing and saving a
+    step); `release()` ends it and raises the KeyboardInterrupt that waited, if any.
+    """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-def _main_thread() -> bool:
-    import threading
+    def __init__(self):
+        self.holding = False
+        self.pending: int | None = None
+        self._previous: dict = {}
 
-    return threading.current_thread() is threading.main_thread()
+    def __enter__(self) -> InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous, self.holding, self.pending = {}, False, None
+
+    def _handle(self, signum, frame) -> None:
+        if not self.holding:
+            raise KeyboardInterrupt
+        if self.pending is None:
+            print(f"\n{signal.Signals(signum).name}: finishing this step's update and checkpoint first ...",
+                  flush=True)
+        self.pending = signum
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        self.holding = False
+        if self.pending is not None:
+            self.pending = None
+            raise KeyboardInterrupt

@@ -113,17 +113,17 @@ def test_seq_mean_token_sum_norm_is_wapos_b_times_l_and_token_mean_its_token_nor
     torch.testing.assert_close(token_mean, core.loss, rtol=1e-12, atol=1e-12)
 
 
-def test_rollout_correction_weights_fold_into_the_ratio():
+def test_rollout_correction_weights_multiply_the_per_token_loss_as_in_verls_vanilla():
     logp, old, row_adv, mask = _batch(seed=2)
-    w = torch.full_like(logp, 0.8)
+    w = torch.rand(logp.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
     w[3, 0] = 0.0  # a token rollout correction rejected
     fn = core_algos.get_policy_loss_fn("wapo")
-    loss, _ = fn(old, logp, row_adv.unsqueeze(-1) * mask, mask, "token-sum", _config(), w)
-    # ρ·w = exp(logπ − (logπ_old − log w)); the rejected token leaves the mask
-    kept = mask.clone()
-    kept[3, 0] = False
-    expected = _wapo_per_token(logp, old - torch.log(w.clamp(min=1e-30)), row_adv, kept).sum()
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    loss, _ = fn(old, logp, row_adv.unsqueeze(-1) * mask, mask, "token-mean", _config(), w)
+    (grad,) = torch.autograd.grad(loss, logp)
+    reference = core_algos.agg_loss(_wapo_per_token(logp, old, row_adv, mask) * w, mask, "token-mean")
+    (expected,) = torch.autograd.grad(reference, logp)
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_token_varying_advantages_are_refused():

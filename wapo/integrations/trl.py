@@ -48,7 +48,7 @@ from wapo.envs import make_env
 from wapo.envs.base import Environment
 from wapo.losses import (DEFAULT_ADVANTAGE, LOSSES, check_hyperparameters, kl_penalty, normalizer, policy_loss,
                          rows_with_gradient)
-from wapo.models import output_layer
+from wapo.models import check_output_head, decoder, output_head
 from wapo.sampling import Episode
 from wapo.scoring import score_episodes
 from wapo.taxonomy import BINS, TokenStats, chunked_token_stats, taxonomy_bins
@@ -93,6 +93,7 @@ class WAPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self._check_supported()
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        check_output_head(base, temperature=self.temperature)  # refuses heads the chunked path does not model
         add_token_stats_forward(base, temperature=self.temperature, chunk_size=taxonomy_chunk_size)
 
     def _check_supported(self) -> None:
@@ -283,16 +284,13 @@ def add_token_stats_forward(model, *, temperature: float, chunk_size: int) -> No
     """Let `model(..., labels=labels, wapo_token_stats=True)` return the taxonomy of the labels.
 
     The patched forward runs the transformer body once and hands its final hidden states and
-    the output layer to `wapo.chunked_token_stats`, for the positions whose next-token label
+    the output head (`wapo.models.output_head`: weight, bias, logit scale, soft-cap) to
+    `wapo.chunked_token_stats`, for the positions whose next-token label
     is not -100; it returns a dict of `TokenStats` fields shaped (B, S − 1), zero elsewhere.
     Only `logp` carries gradient. Calls without the flag go to the previous forward unchanged,
     so TRL's own fused head and generation still work. It runs inside the model's forward,
     so DDP and accelerate's wrappers see it (as TRL's `add_fused_lm_head` does).
     """
-    config = model.config.get_text_config()
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (None, 1.0):
-        raise ValueError(f"{type(model).__name__} scales or soft-caps its logits; wapo's chunked log-probabilities "
-                         "do not model that yet")
     previous = model.forward
 
     @functools.wraps(previous)
@@ -300,11 +298,11 @@ def add_token_stats_forward(model, *, temperature: float, chunk_size: int) -> No
         if not wapo_token_stats:
             return previous(*args, **kwargs) if labels is None else previous(*args, labels=labels, **kwargs)
         kwargs["use_cache"] = False
-        hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        weight, bias = output_layer(model)
-        labels = labels[:, 1:].to(weight.device)
+        hidden = decoder(model)(*args, **kwargs).last_hidden_state[:, :-1]
+        head = output_head(model)
+        labels = labels[:, 1:].to(head.weight.device)
         keep = labels != -100
-        stats = chunked_token_stats(hidden.to(weight.device)[keep], weight, labels[keep], bias=bias,
+        stats = chunked_token_stats(hidden.to(head.weight.device)[keep], head, labels[keep],
                                     temperature=temperature, chunk_size=chunk_size)
         return {name: getattr(stats, name).new_zeros(keep.shape).masked_scatter(keep, getattr(stats, name))
                 for name in _STATS_FIELDS}

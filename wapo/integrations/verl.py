@@ -85,17 +85,13 @@ def wapo_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advanta
                                   WAPO: ℓ is linear in A > 0, so A_i / |o_i| is used)
 
     B and the token count default to this micro-batch's (responses with a token, as verl's
-    `agg_loss`) when verl does not pass the global ones. Rollout correction: the weights
-    w = π_old/π_rollout fold into the ratio (ρ·w = π/π_rollout, capped at 1 + ε_high); tokens
-    with w = 0 are dropped.
+    `agg_loss`) when verl does not pass the global ones. Rollout correction: verl's weights
+    w(i,t) (truncated π_old/π_rollout) multiply the per-token term, as in verl's own losses
+    (`token_weights=` of the core).
     """
     info = dict(getattr(config, "global_batch_info", None) or {}) if config is not None else {}
     eps_high = float(config.clip_ratio_high) if config is not None else 9.0
     mask = response_mask.bool()
-    old = old_log_prob
-    if rollout_is_weights is not None:
-        mask = mask & (rollout_is_weights > 0)
-        old = old_log_prob - torch.log(rollout_is_weights.clamp(min=1e-30)).detach()
     lengths = mask.sum(-1)
     row_adv = torch.where(mask, advantages, torch.zeros_like(advantages)).sum(-1) / lengths.clamp(min=1)
     varying = torch.where(mask, (advantages - row_adv.unsqueeze(-1)).abs(), torch.zeros_like(advantages))
@@ -120,9 +116,9 @@ def wapo_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advanta
         raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; known: seq-mean-token-sum-norm, token-mean, "
                          "seq-mean-token-sum, token-sum, seq-mean-token-mean")
     normalizer = torch.as_tensor(denominator, dtype=torch.float32, device=log_prob.device) / dp_size
-    out = policy_loss("wapo", log_prob, old, row_adv, mask, max_len=mask.shape[-1], normalizer=normalizer,
-                      eps_high=eps_high)
-    kl = torch.where(mask, old - log_prob, torch.zeros_like(log_prob)).sum() / mask.sum().clamp(min=1)
+    out = policy_loss("wapo", log_prob, old_log_prob, row_adv, mask, max_len=mask.shape[-1], normalizer=normalizer,
+                      token_weights=rollout_is_weights, eps_high=eps_high)
+    kl = torch.where(mask, old_log_prob - log_prob, torch.zeros_like(log_prob)).sum() / mask.sum().clamp(min=1)
     metrics = {
         "actor/pg_clipfrac": out.metrics["clip_frac_pos"].item(),
         "actor/ppo_kl": kl.detach().item(),
