@@ -29,10 +29,10 @@ bench: setup
 
 # The TRL and verl adapters, each tested in its own virtual environment with that library's
 # tested release (verl pins its own transformers): `make test` skips these tests.
-.venv-%/.installed: pyproject.toml
+.venv-%/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv .venv-$*
 	.venv-$*/bin/pip install --quiet --upgrade pip
-	.venv-$*/bin/pip install --quiet -e '.[$*,test]'
+	.venv-$*/bin/pip install --quiet -c constraints.txt -e '.[$*,test]'
 	touch $@
 
 test-trl: .venv-trl/.installed
