@@ -285,8 +285,7 @@ def add_token_stats_forward(model, *, temperature: float, chunk_size: int) -> No
 
     The patched forward runs the transformer body once and hands its final hidden states and
     the output head (`wapo.models.output_head`: weight, bias, logit scale, soft-cap) to
-    `wapo.chunked_token_stats`, for the positions whose next-token label
-    is not -100; it returns a dict of `TokenStats` fields shaped (B, S − 1), zero elsewhere.
+    `wapo.chunked_token_stats`, for the positions whose next-token label is not -100; it returns a dict of `TokenStats` fields shaped (B, S − 1), zero elsewhere.
     Only `logp` carries gradient. Calls without the flag go to the previous forward unchanged,
     so TRL's own fused head and generation still work. It runs inside the model's forward,
     so DDP and accelerate's wrappers see it (as TRL's `add_fused_lm_head` does).
