@@ -6,6 +6,7 @@
     wapo train --resume runs/x                  # continue from its last checkpoint
     wapo eval --checkpoint runs/x               # held-out accuracy of a run's last checkpoint
     wapo serve-retriever --corpus corpus.jsonl  # BM25 search server (Search-R1 contract)
+    wapo export runs/x hf/x                     # the last checkpoint as a Hugging Face model folder
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     from wapo.retrieval import add_serve_parser
 
     add_serve_parser(sub)
+    from wapo.export import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The run folder's logs: metrics.jsonl, completions.jsonl, TensorBoard events, PNG plots.
+"""The run folder's logs: metrics.jsonl, completions.jsonl, TensorBoard events, PNG plots (and W&B).
 
 metrics.jsonl holds one JSON object per step with stable keys (docs/metrics.md lists them);
 NaN (an empty taxonomy bin) is written as null. On resume, the rows of metrics.jsonl,
@@ -17,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,8 +34,10 @@ def _plain(value):
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard: bool = True,
+                 sinks: Sequence[WandbSink] = ()):
         self.dir = run_dir
+        self.sinks = list(sinks)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.completions_path = run_dir / "completions.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
@@ -55,6 +58,8 @@ class RunLog:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key.replace("_", "/", 1) if key.startswith(_TB_GROUPS) else key, value, step)
+        for sink in self.sinks:
+            sink.log(step, row)
         return row
 
     def log_completions(self, step: int, items: list[dict]) -> None:
@@ -69,10 +74,55 @@ class RunLog:
             for key, value in results.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(f"eval/{key}", value, step)
+        for sink in self.sinks:
+            sink.log(step, {f"eval/{key}": value for key, value in results.items()})
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+REPORT_TO = ("tensorboard", "wandb", "none")
+"""Where metrics go besides metrics.jsonl (TRL's `report_to` names)."""
+
+
+def report_sinks(report_to: str, run_dir: Path, config: dict) -> tuple[bool, list[WandbSink]]:
+    """(TensorBoard on?, extra sinks) for a comma-separated `report_to`, e.g. "tensorboard,wandb"."""
+    names = {name.strip() for name in report_to.split(",") if name.strip()}
+    unknown = sorted(names - set(REPORT_TO))
+    if unknown or ("none" in names and len(names) > 1):
+        raise ValueError(f"--report-to {report_to!r}: use a comma-separated subset of tensorboard, wandb, or none")
+    return "tensorboard" in names, [WandbSink(run_dir, config)] if "wandb" in names else []
+
+
+class WandbSink:
+    """Weights & Biases as an extra sink of `RunLog`: the same numeric metrics, at the same steps.
+
+    The wandb run is named after the run folder and keeps its id in `run_dir/wandb_run_id`, so
+    `wapo train --resume` continues the same wandb run. `config` (the resolved config) becomes
+    the run's config. Needs `pip install wandb` (and `wandb login`, or WANDB_MODE=offline).
+    """
+
+    def __init__(self, run_dir: Path, config: dict, *, project: str = "wapo"):
+        try:
+            import wandb
+        except ImportError as exc:
+            raise ImportError("--report-to wandb needs the wandb package: pip install wandb") from exc
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self._run = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                               config=config)
+
+    def log(self, step: int, metrics: dict) -> None:
+        numbers = {k: v for k, v in metrics.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._run.log(numbers, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 _TB_GROUPS = ("reward_", "time_", "clip_", "ratio_", "pos_", "neg_", "zero_")
