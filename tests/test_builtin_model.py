@@ -24,7 +24,8 @@ def test_one_wapo_step_on_the_builtin_model(tmp_path):
     config = cfg.from_dict({
         "model": {"bf16": "true", "bf16_sampling": "true"},
         "sampling": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 16},
-        "run": {"steps": 1, "eval_size": 0, "progress": False, "output_dir": str(tmp_path / "run"), "seed": 0},
+        "run": {"steps": 1, "eval_size": 0, "progress": False, "output_dir": str(tmp_path / "run"), "seed": 0,
+                "export_final": False},
         "optim": {"lr": 1e-5},
     })
     trainer = build_trainer(config)

@@ -229,3 +229,26 @@ def test_serve_retriever_passes_its_flags_to_serve(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve-retriever", "--port", "0"])  # --corpus is required
     assert exit_info.value.code == 2
+
+
+def test_a_run_ends_with_its_last_step_exported_as_a_hugging_face_folder(one_step_run):
+    from transformers import AutoModelForCausalLM
+
+    from wapo import checkpoint
+    from wapo.models import load_policy
+
+    code, run = one_step_run
+    assert code == 0
+    exported = AutoModelForCausalLM.from_pretrained(run / "hf")
+    config = cfg.from_dict(cfg.load_file(run / "config.toml"))
+    trained = load_policy(config.model.model, device=torch.device("cpu"))
+    checkpoint.load_weights(checkpoint.latest(run), trained)
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=0, atol=0)
+
+
+def test_report_to_is_checked_before_any_run_folder(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_train_argv(tiny_model_dir, run, "--report-to", "tensorboard,mlflow")) == 2
+    assert "--report-to takes a comma-separated subset of tensorboard, wandb, or none" in capsys.readouterr().err
+    assert not run.exists()

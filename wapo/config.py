@@ -180,12 +180,19 @@ class RunConfig:
     """Consecutive non-finite steps (skipped) before the run stops."""
     progress: bool = True
     """Show progress bars."""
+    report_to: str = "tensorboard"
+    """Where metrics go besides metrics.jsonl: comma-separated tensorboard, wandb (needs `pip install wandb`), or none (TRL's names)."""
+    export_final: bool = True
+    """At the end, export the last checkpoint as a Hugging Face model folder, RUN_DIR/hf (as `wapo export`)."""
 
     def __post_init__(self):
         for name in ("steps", "eval_size", "eval_samples", "eval_every"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("checkpoint_every", "keep_checkpoints", "taxonomy_chunk_size", "max_bad_steps"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
+        sinks = {name.strip() for name in self.report_to.split(",")}
+        _require(sinks <= {"tensorboard", "wandb", "none"} and not ("none" in sinks and len(sinks) > 1),
+                 "report_to", "takes a comma-separated subset of tensorboard, wandb, or none")
 
 
 @dataclass(frozen=True)

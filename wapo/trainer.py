@@ -44,13 +44,13 @@ import torch
 from wapo import checkpoint
 from wapo.advantages import ADVANTAGES, compute_advantages
 from wapo.batch import RolloutBatch, row_token_stats
-from wapo.config import ConfigError, TrainConfig, dump_toml
+from wapo.config import ConfigError, TrainConfig, dump_toml, to_dict
 from wapo.envs import make_env
 from wapo.envs.base import Environment
 from wapo.evaluate import evaluate
 from wapo.losses import DEFAULT_ADVANTAGE, LOSSES, check_hyperparameters
 from wapo.models import load_policy, load_tokenizer, native_bf16, resolve_device
-from wapo.runlog import RunLog, plot_run
+from wapo.runlog import RunLog, plot_run, report_sinks
 from wapo.sampling import rollout
 from wapo.scoring import score_episodes
 from wapo.taxonomy import TokenStats
@@ -172,7 +172,18 @@ class Trainer:
             evals["after"] = self.evaluate("after")
         plot_run(self.run_dir)
         self.log.close()
+        if cfg.run.export_final and self.progress.step > 0:
+            self.export()
         return evals
+
+    def export(self) -> Path:
+        """The last checkpoint as a Hugging Face model folder, RUN_DIR/hf (replacing an older one)."""
+        from wapo.export import export_run
+
+        target = self.run_dir / "hf"
+        if target.exists():  # a resumed run exports its new last step
+            shutil.rmtree(target)
+        return export_run(self.run_dir, target)
 
     def train_step(self) -> tuple[dict, dict]:
         """One step up to its commit: the step's metrics and the counters to commit."""
@@ -388,7 +399,8 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
         sampler = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
     trainer = Trainer(config, run_dir, env, model, tokenizer, optimizer, scheduler, precision, reference, sampler,
                       progress)
-    trainer.log = RunLog(run_dir, resume_step=progress.step if resume else None)
+    tensorboard, sinks = report_sinks(config.run.report_to, run_dir, to_dict(config))
+    trainer.log = RunLog(run_dir, resume_step=progress.step if resume else None, tensorboard=tensorboard, sinks=sinks)
     trainer.resumed = resume is not None
     return trainer
 
