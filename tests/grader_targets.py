@@ -19,3 +19,9 @@ def slow(pred: str, gold: str) -> bool:
     if pred == "slow":
         time.sleep(600)
     return pred == gold
+
+
+def sleepy(pred: str, gold: str) -> bool:
+    """Answers after 0.3 s; compares spellings."""
+    time.sleep(0.3)
+    return pred == gold

@@ -172,3 +172,15 @@ def test_softcapped_head_passes_the_check_under_lora(save_tiny_model):
     model = load_policy(path, device=torch.device("cpu"), lora_rank=2)  # checks the PeftModel
     head = output_head(model)
     assert head.softcap == 2.0 and head.weight is model.get_base_model().lm_head.weight
+
+
+def test_attention_dropout_in_the_config_is_switched_off(save_tiny_model):
+    # Llama applies `attention_dropout` functionally in train mode (no nn.Dropout module): with
+    # it on, two passes over the same tokens would differ and the load-time check would fail
+    from transformers import LlamaConfig
+
+    folder = save_tiny_model(LlamaConfig, attention_dropout=0.5)
+    model = load_policy(folder, device=torch.device("cpu"))
+    assert model.training and model.config.attention_dropout == 0.0
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)

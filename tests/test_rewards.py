@@ -346,3 +346,19 @@ def test_qa_exact_match(pred: str, golds: list[str], em: float) -> None:
 )
 def test_qa_f1(pred: str, golds: list[str], f1: float) -> None:
     assert qa_f1(pred, golds) == pytest.approx(f1)
+
+
+def test_an_interrupt_while_waiting_never_shifts_the_next_verdicts(install_grader):
+    # Ctrl-C arrives while the child is still comparing "a" with "b" (False). Its unread reply
+    # must not answer the next question ("z" == "z": True).
+    import signal
+    import threading
+
+    grader = install_grader("sleepy")
+    assert grader.verify("x", "x", timeout_s=30)  # started and warm
+    timer = threading.Timer(0.1, signal.raise_signal, args=(signal.SIGINT,))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        grader.verify("a", "b", timeout_s=30)
+    timer.join()
+    assert [grader.verify("z", "z", timeout_s=30), grader.verify("a", "b", timeout_s=30)] == [True, False]

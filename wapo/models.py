@@ -103,9 +103,7 @@ def load_policy(name: str, *, device: torch.device, lora_rank: int = 0, lora_alp
 
     model = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32).to(device)
     model.train()  # gradient checkpointing only acts in train mode ...
-    for module in model.modules():  # ... and dropout would make π differ from the sampling μ
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    _no_dropout(model)  # ... and dropout would make π differ from the sampling μ
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -116,6 +114,20 @@ def load_policy(name: str, *, device: torch.device, lora_rank: int = 0, lora_alp
         model = get_peft_model(model, config)
     check_output_head(model)
     return model
+
+
+def _no_dropout(model) -> None:
+    """Zero every dropout: `nn.Dropout` modules and the float rates attention layers keep as
+    attributes (e.g. Llama's `attention_dropout`, applied functionally in train mode)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    for key, value in vars(model.config).items():
+        if "dropout" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
 
 
 def output_head(model) -> OutputHead:

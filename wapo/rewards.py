@@ -342,12 +342,12 @@ class _GraderProcess:
                 if not conn.poll(timeout_s):
                     raise GraderFailure("grader timeout")
                 status, value = conn.recv()
-            except GraderFailure:
-                self._stop()
-                raise
             except (EOFError, OSError) as error:
                 self._stop()
                 raise GraderFailure("grader crashed") from error
+            except BaseException:  # a timeout, or Ctrl-C: an unread reply would answer the next call
+                self._stop()
+                raise
         if status == "out of memory":
             raise GraderFailure("grader out of memory")
         if status == "error":
@@ -396,6 +396,9 @@ class _GraderProcess:
             why = f"was not ready after {self.STARTUP_TIMEOUT_S:.0f} s"
         except (EOFError, OSError):
             why = "exited during start-up (its error is on stderr)"
+        except BaseException:  # Ctrl-C while waiting: its unread "ready" would answer a comparison
+            self._stop()
+            raise
         self._stop()
         raise GraderUnavailable(f"grader failed to start: the process {why}")
 
