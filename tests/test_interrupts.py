@@ -135,3 +135,23 @@ def test_an_interrupt_during_an_optimizer_step_waits_for_the_step(tiny_model_dir
     assert trainer.progress.step == 2
     state = torch.load(wapo.checkpoint.latest(trainer.run_dir) / "trainer.pt", weights_only=False)
     assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {4.0}
+
+
+def test_an_evaluation_cut_by_an_interrupt_runs_when_the_run_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    config = cfg.from_dict({"run": {"eval_every": 1, "eval_size": 2, "eval_samples": 1}},
+                           _config(tiny_model_dir, tmp_path / "run", checkpoint_every=1))
+    trainer = build_trainer(config)
+    real = trainer.evaluate
+
+    def interrupted(when):
+        if when == "step 1":
+            raise KeyboardInterrupt
+        return real(when)
+
+    monkeypatch.setattr(trainer, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    monkeypatch.undo()
+    build_trainer(config, resume=trainer.run_dir).fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["when"]) for r in rows] == [(0, "before"), (1, "step 1"), (2, "step 2"), (3, "after")]

@@ -134,13 +134,14 @@ def test_tis_weights_enter_the_loss_per_token(tiny_model_dir, tmp_path, monkeypa
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_the_kl_to_the_reference_is_zero_at_step_one_under_bf16(tiny_model_dir, tmp_path, lora):
-    trainer = build_trainer(_config(tiny_model_dir, tmp_path, model={"bf16": "true", "lora_rank": lora},
-                                    algorithm={"kl_beta": 0.1}, run={"steps": 2}))
+@pytest.mark.parametrize(("lora", "checkpointing"), [(0, False), (4, False), (0, True)])
+def test_the_kl_to_the_reference_is_zero_at_step_one_under_bf16(tiny_model_dir, tmp_path, lora, checkpointing):
+    # the policy and the reference take one path: under gradient checkpointing both run full sequences
+    trainer = build_trainer(_config(tiny_model_dir, tmp_path, algorithm={"kl_beta": 0.1}, run={"steps": 2},
+                                    model={"bf16": "true", "lora_rank": lora, "gradient_checkpointing": checkpointing}))
     trainer.fit()
     rows = _rows(trainer)
-    assert rows[0]["kl_ref"] == pytest.approx(0.0, abs=1e-7)
+    assert rows[0]["kl_ref"] == 0.0
     assert rows[1]["kl_ref"] > 1e-6  # after one update the policy has left the reference
 
 
@@ -228,3 +229,73 @@ def test_a_folder_holding_a_run_is_refused_unless_overwritten(tiny_model_dir, tm
     with pytest.raises(cfg.ConfigError, match="not empty and holds no wapo run"):
         build_trainer(_config(tiny_model_dir, tmp_path, run={"output_dir": str(tmp_path / "other")}), overwrite=True)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_a_new_default_run_folder_is_never_one_that_exists(tmp_path):
+    from wapo.trainer import _claim_new_dir
+
+    base = tmp_path / "runs" / "20261129-210000-wapo"
+    assert [_claim_new_dir(base) for _ in range(3)] == [base, base.with_name(base.name + "-2"),
+                                                        base.with_name(base.name + "-3")]
+
+
+def test_overwrite_removes_only_what_a_run_writes(tiny_model_dir, tmp_path):
+    build_trainer(_config(tiny_model_dir, tmp_path)).fit()
+    (tmp_path / "run" / "notes.md").write_text("mine")
+    build_trainer(_config(tiny_model_dir, tmp_path), overwrite=True)
+    assert (tmp_path / "run" / "notes.md").read_text() == "mine"
+    # a project folder with a config.toml of its own is not a run: refused, nothing deleted
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.toml").write_text("[tool.black]\nline-length = 100\n")
+    (project / "main.py").write_text("print(1)")
+    with pytest.raises(cfg.ConfigError, match="holds no wapo run"):
+        build_trainer(_config(tiny_model_dir, tmp_path, run={"output_dir": str(project)}), overwrite=True)
+    assert sorted(p.name for p in project.iterdir()) == ["config.toml", "main.py"]
+
+
+def test_a_nan_in_a_later_epoch_keeps_the_earlier_optimizer_steps_and_says_so(tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    calls = {"n": 0}
+    real = update_module.policy_loss
+
+    def nan_in_epoch_2(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > n_micro_batches:
+            return type(out)(loss=out.loss * float("nan"), metrics=out.metrics, counts=out.counts)
+        return out
+
+    trainer = build_trainer(_config(tiny_model_dir, tmp_path, algorithm={"loss": "grpo", "updates_per_batch": 3},
+                                    optim={"micro_batch_size": 64}))
+    n_micro_batches = 1
+    monkeypatch.setattr(update_module, "policy_loss", nan_in_epoch_2)
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer.fit()
+    (row,) = _rows(trainer)
+    assert (row["skipped_step"], row["optimizer_steps"], row["skipped_steps_total"]) == (1, 1, 1)
+    state = trainer.optimizer.state_dict()["state"]
+    assert {s["step"].item() for s in state.values()} == {1.0}
+
+
+def test_a_step_with_an_empty_batch_logs_null_not_zero_entropy(tiny_model_dir, tmp_path):
+    trainer = build_trainer(_config(tiny_model_dir, tmp_path, sampling={"temperature": 0.05},
+                                    algorithm={"loss": "dapo", "dynamic_sampling": True, "max_sampling_rounds": 1,
+                                               "kl_beta": 0.1}))
+    trainer.fit()
+    (row,) = _rows(trainer)
+    assert row["backward_rows"] == 0 and row["optimizer_steps"] == 0
+    assert row["entropy"] is None and row["pos_peak_frac"] is None and row["pos_peak_count"] == 0
+    assert "kl_ref" in row and row["kl_ref"] is None and row["grad_norm"] is None
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_with(tiny_model_dir, tmp_path, monkeypatch):
+    import wapo.trainer as trainer_module
+
+    config = _config(tiny_model_dir, tmp_path, model={"bf16": "auto", "bf16_sampling": "auto"}, run={"steps": 1})
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: True)
+    first = build_trainer(config)
+    first.fit()
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: False)  # other hardware
+    resumed = build_trainer(cfg.from_dict({"run": {"steps": 2}}, config), resume=first.run_dir)
+    assert resumed.precision == first.precision == Precision(True, True, "trainer")

@@ -126,7 +126,8 @@ class AlgorithmConfig:
         _require(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
         _require(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
         _require(self.ratio_against in ("auto", "trainer", "sampler"), "ratio_against", "must be auto, trainer or sampler")
-        _require(self.tis_cap >= 0, "tis_cap", "must be >= 0 (0 = off)")
+        _require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap",
+                 "must be 0 (off) or >= 1 (a cap below 1 would shrink every on-policy token)")
         _require(not (self.tis_cap and self.ratio_against == "sampler"), "tis_cap",
                  "needs --ratio-against trainer or auto (against the sampler, π_old = μ and every weight is 1)")
 

@@ -27,8 +27,8 @@ _FIELDS = ("logp", "entropy", "collision", "pred_dlogp", "pred_dentropy")
 class UpdateDiagnostics:
     """Collects one update's per-token statistics and counts; `summary()` gives the step metrics."""
 
-    def __init__(self, mask: Tensor, advantages: Tensor):
-        self.mask, self.advantages = mask, advantages
+    def __init__(self, mask: Tensor, advantages: Tensor, *, kl: bool = False):
+        self.mask, self.advantages, self.kl = mask, advantages, kl
         self.seen = torch.zeros(mask.shape[0], dtype=torch.bool)
         self.fields = {k: torch.zeros(mask.shape) for k in _FIELDS}
         self.is_peak = torch.zeros(mask.shape, dtype=torch.bool)
@@ -61,8 +61,11 @@ class UpdateDiagnostics:
     def summary(self) -> dict[str, float | None]:
         mask = self.mask & self.seen.unsqueeze(-1)
         stats = TokenStats(is_peak=self.is_peak, **self.fields)
+        seen = mask.sum().item()
         out: dict[str, float | None] = {k: v.item() for k, v in taxonomy_bins(stats, self.advantages, mask).items()}
-        out["entropy"] = (self.fields["entropy"] * mask).sum().item() / max(mask.sum().item(), 1)
+        out["entropy"] = (self.fields["entropy"] * mask).sum().item() / max(seen, 1)
+        if not seen:  # an empty batch: no token to describe (0 would read as collapse)
+            out.update({k: None for k in out if not k.endswith("_count")})
         out.update(dict.fromkeys(LOSS_METRICS), grad_rows=0, grad_tokens=0)  # stable keys: null when nothing trained
         if self.loss_counts:
             out.update({k: v.item() for k, v in metrics_from_counts(merge_counts(self.loss_counts)).items()})
@@ -72,7 +75,7 @@ class UpdateDiagnostics:
             n = max(m["tokens"].item(), 1)
             out.update(kl_behaviour=m["k3_sum"].item() / n, mismatch_abs_logp=m["abs_sum"].item() / n,
                        mismatch_ratio_max=m["ratio_max"].item() if m["tokens"] > 0 else None)
-        if self.kl_counts:
+        if self.kl:
             k = merge_counts(self.kl_counts)
-            out["kl_ref"] = k["kl_sum"].item() / max(k["kl_tokens"].item(), 1)
+            out["kl_ref"] = k["kl_sum"].item() / max(k["kl_tokens"].item(), 1) if self.kl_counts else None
         return out

@@ -48,7 +48,7 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step is not None else None)
 
     def log_step(self, step: int, metrics: dict) -> dict:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -76,6 +76,11 @@ class RunLog:
                     self._tb.add_scalar(f"eval/{key}", value, step)
         for sink in self.sinks:
             sink.log(step, {f"eval/{key}": value for key, value in results.items()})
+
+    def evaluated(self, when: str) -> bool:
+        """Whether eval.jsonl holds a row of this `when` ("before", "step N", "after")."""
+        path = self.dir / "eval.jsonl"
+        return path.exists() and any(row.get("when") == when for row in _parse_rows(path.read_bytes(), path)[1])
 
     def close(self) -> None:
         if self._tb is not None:

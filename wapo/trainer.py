@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import random
 import shutil
@@ -44,7 +45,7 @@ import torch
 from wapo import checkpoint
 from wapo.advantages import ADVANTAGES, compute_advantages
 from wapo.batch import RolloutBatch, row_token_stats
-from wapo.config import ConfigError, TrainConfig, dump_toml, to_dict
+from wapo.config import ConfigError, TrainConfig, dump_toml, from_dict, load_file, to_dict
 from wapo.envs import make_env
 from wapo.envs.base import Environment
 from wapo.evaluate import evaluate
@@ -89,6 +90,15 @@ class Precision:
         if against == "auto":  # the sampler's numerics are the trainer's only when neither is bf16
             against = "trainer" if bf16 or bf16_sampling else "sampler"
         return cls(bf16, bf16_sampling, against)
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / "precision.json").write_text(json.dumps(dataclasses.asdict(self)) + "\n")
+
+    @classmethod
+    def recorded(cls, run_dir: Path) -> Precision | None:
+        """What the run resolved when it started: a resumed run keeps it on any hardware."""
+        path = run_dir / "precision.json"
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
 
     def describe(self) -> str:
         on = {True: "on", False: "off"}
@@ -140,6 +150,8 @@ class Trainer:
         evals = {}
         if not self.resumed and cfg.run.eval_size > 0:
             evals["before"] = self.evaluate("before")
+        if self.resumed and self.eval_due(self.progress.step) and not self.log.evaluated(f"step {self.progress.step}"):
+            self.evaluate(f"step {self.progress.step}")  # an interrupt had cut it short
         bar = _progress_bar(cfg, self.progress.step)
         saved = self.progress.step if self.resumed else None  # the step the newest checkpoint holds
         replay_rng = None  # RNG states an interrupted, uncommitted step starts from
@@ -158,7 +170,7 @@ class Trainer:
                         saved = step
                     self.interrupts.release()  # an interrupt that waited is raised here
                     self.stop_if_diverging()
-                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
+                    if self.eval_due(step):
                         self.evaluate(f"step {step}")
         except KeyboardInterrupt:
             if saved != self.progress.step:
@@ -268,6 +280,11 @@ class Trainer:
         return {"reward_errors_total": self.progress.reward_errors,
                 "skipped_steps_total": self.progress.skipped_steps}
 
+    def eval_due(self, step: int) -> bool:
+        """A held-out evaluation after `step` (`eval_every`; the last step has the "after" one)."""
+        every = self.config.run.eval_every
+        return bool(every) and step % every == 0 and 0 < step < self.config.run.steps
+
     def stop_if_diverging(self) -> None:
         if self.progress.bad_steps >= self.config.run.max_bad_steps:
             last = checkpoint.latest(self.run_dir)
@@ -307,7 +324,13 @@ class Trainer:
             return row_token_stats(model, batch, rows, temperature=self.config.sampling.temperature,
                                    chunk_size=self.config.run.taxonomy_chunk_size,
                                    autocast_dtype=torch.bfloat16 if self.precision.bf16 else None,
-                                   share_prompts=self.config.model.share_prompts)
+                                   share_prompts=self.shares_prompts)
+
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether passes run each prompt once: not under gradient checkpointing, which drops the
+        KV cache the shared pass needs. Decided here, so policy and reference take one path."""
+        return self.config.model.share_prompts and not self.config.model.gradient_checkpointing
 
     def reference_logp(self, batch: RolloutBatch, rows: list[int]) -> torch.Tensor:
         return self.token_stats(batch, rows, reference=True).logp
@@ -338,7 +361,7 @@ class Trainer:
         cfg = self.config
         samples = list(self.env.eval_set())[: cfg.run.eval_size]
         policy = self.sampler if self.sampler is not None else self.model
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # CPU and every GPU
             torch.manual_seed(cfg.run.seed + 1_000_003 * (self.progress.step + 1))
             results = evaluate(policy, self.tokenizer, self.env, samples, k=cfg.run.eval_samples,
                                temperature=cfg.sampling.temperature, max_new_tokens=cfg.sampling.max_new_tokens,
@@ -374,7 +397,8 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
     device = resolve_device(config.model.device)
-    precision = Precision.resolve(config, device)
+    precision = (resume and Precision.recorded(run_dir)) or Precision.resolve(config, device)
+    precision.save(run_dir)
     print(f"Precision: {precision.describe()}", flush=True)
     tokenizer = load_tokenizer(config.model.model)
     model = load_policy(config.model.model, device=device, lora_rank=config.model.lora_rank,
@@ -390,7 +414,8 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
     if resume:
         last = checkpoint.latest(run_dir)
         if last is None:
-            raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints to resume from")
+            raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints to resume from (the run stopped "
+                                    f"before its first step): start it again with --output-dir {run_dir} --overwrite")
         fields = checkpoint.load(last, model, optimizer, scheduler)
         progress = Progress(**{k: fields[k] for k in dataclasses.asdict(progress)})
         print(f"Resuming {run_dir} from step {progress.step}")
@@ -420,24 +445,53 @@ def _check_loss_options(config: TrainConfig) -> None:
         raise ConfigError(f"--loss-options: {exc}") from None
 
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints")
-"""What marks a folder as holding a run."""
+RUN_FILES = ("config.toml", "precision.json", "metrics.jsonl", "completions.jsonl", "eval.jsonl", "reward_errors.log",
+             "reward.png", "entropy.png", "taxonomy.png", "tensorboard", "checkpoints", "hf")
+"""What a run writes in its folder: all that `--overwrite` removes."""
 
 
 def _fresh_run_dir(config: TrainConfig, *, overwrite: bool) -> Path:
     """The new run's folder; one that already holds a run is never silently reused."""
     if not config.run.output_dir:
-        return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.algorithm.loss}"
+        return _claim_new_dir(Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.algorithm.loss}")
     path = Path(config.run.output_dir)
     if not path.exists() or not any(path.iterdir()):
         return path
-    if not any((path / name).exists() for name in RUN_FILES):
+    if not _holds_a_run(path):
         raise ConfigError(f"--output-dir {path} is not empty and holds no wapo run: choose a new or empty folder")
     if not overwrite:
         raise ConfigError(f"--output-dir {path} already holds a run: continue it with `wapo train --resume {path}` "
                           f"or replace it with --overwrite")
-    shutil.rmtree(path)
+    for name in RUN_FILES:  # the run's own files only: anything else in the folder stays
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
     return path
+
+
+def _holds_a_run(path: Path) -> bool:
+    """A wapo run writes its resolved config.toml first: a folder holds one if that file reads as one."""
+    try:
+        from_dict(load_file(path / "config.toml"))
+        return True
+    except (OSError, ValueError):  # ConfigError and TOML errors are ValueErrors
+        return False
+
+
+def _claim_new_dir(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ... : the first that did not exist (created here, so two runs
+    started in the same second never share a folder)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a new run folder next to {base}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -505,8 +559,9 @@ def _progress_bar(config: TrainConfig, start: int):
 
 
 def _update_bar(bar, row: dict) -> None:
-    bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
-                    entropy=f"{row['entropy']:.2f}", s_step=f"{row['time_sample'] + row['time_train']:.0f}")
+    entropy = "-" if row["entropy"] is None else f"{row['entropy']:.2f}"
+    bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}", entropy=entropy,
+                    s_step=f"{row['time_sample'] + row['time_train']:.0f}")
     bar.update(1)
 
 

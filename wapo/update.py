@@ -16,8 +16,9 @@ sg[min(π_old/μ, C)] (truncated importance sampling). See docs/math.md for whic
 paper takes which denominator.
 
 Rows whose gradient is zero by construction (WAPO's losers) stay out of the backward pass
-(`wapo.losses.rows_with_gradient`). A non-finite loss or gradient norm skips the optimizer
-step and ends the update; the caller counts it.
+(`wapo.losses.rows_with_gradient`). A non-finite loss or gradient norm skips that optimizer
+step and ends the update (with `updates_per_batch` > 1 the steps before it stay applied:
+`optimizer_steps` says how many); the caller counts it.
 """
 
 from __future__ import annotations
@@ -89,12 +90,13 @@ def update_policy(
     else:
         trained = everything
     skipped = sorted(set(everything) - set(trained))
-    diag = UpdateDiagnostics(mask, advantages)
+    diag = UpdateDiagnostics(mask, advantages, kl=s.kl_beta > 0)
     _skipped_rows_taxonomy(batch, skipped, diag, s, token_stats, sampler_stats)
 
     old_logprobs = batch.old_logprobs.clone()  # μ; against the trainer, replaced by epoch 1's pass
-    result = UpdateResult(metrics={"backward_rows": len(trained), "skipped_rows": len(skipped), "grad_norm": None})
-    for epoch in range(s.updates_per_batch):
+    result = UpdateResult(metrics={"backward_rows": len(trained), "skipped_rows": len(skipped), "grad_norm": None,
+                                   "optimizer_steps": 0})
+    for epoch in range(s.updates_per_batch if trained else 0):  # nothing to train: no optimizer step
         optimizer.zero_grad(set_to_none=True)
         last = epoch == s.updates_per_batch - 1
         for rows in batch.micro_batches(trained, s.micro_batch_size):
@@ -123,7 +125,7 @@ def update_policy(
             loss.backward()
             if last:
                 diag.add_loss_counts(out.counts)
-        if result.finite and trained:
+        if result.finite:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             result.finite = bool(torch.isfinite(grad_norm))
         if not result.finite:
@@ -132,7 +134,8 @@ def update_policy(
         before_optimizer_step()
         optimizer.step()  # parameters without a gradient (nothing trained) stay as they are
         after_optimizer_step()
-        if epoch == 0 and trained:
+        result.metrics["optimizer_steps"] += 1
+        if epoch == 0:
             result.metrics["grad_norm"] = grad_norm.item()
     result.metrics.update(diag.summary())
     return result
