@@ -87,7 +87,8 @@ def test_load_hotpotqa_reads_the_published_format(published: Path) -> None:
     shirley = contexts[second["id"]][1]
     # sentences carry their own leading space; stripped, then joined by one
     assert (shirley.id, shirley.title) == ("Shirley Temple", "Shirley Temple")
-    assert shirley.text == "Shirley Temple Black was an American actress. She served as Chief of Protocol of the United States."
+    assert shirley.text == ("Shirley Temple Black was an American actress. "
+                            "She served as Chief of Protocol of the United States.")
     assert [d.title for d in contexts[first["id"]]] == ["Ed Wood (film)", "Scott Derrickson", "Ed Wood"]
 
 
@@ -103,6 +104,16 @@ def test_load_hotpotqa_names_the_incomplete_question(tmp_path: Path) -> None:
     path.write_text(json.dumps([{"_id": "q9", "question": "?", "context": []}]))
     with pytest.raises(ValueError, match=r"question q9 lacks \['answer', 'supporting_facts'\].*use train or dev"):
         load_hotpotqa(path)
+
+
+def test_hotpotqa_holds_out_part_of_one_file() -> None:
+    env = ENVIRONMENTS["hotpotqa"](seed=3)
+    train, held_out = {s["id"] for s in env.train_set()}, {s["id"] for s in env.eval_set()}
+    assert len(held_out) == 1  # round(0.25 * 4)
+    assert not train & held_out and len(train | held_out) == 4
+    sample = next(s for s in env.train_set() + env.eval_set() if s["id"] == "wapo-sample-3")
+    observation = env.observe(sample, "<search>Vennick Choir founder</search>")
+    assert observation.startswith("\n<information>Doc 1 (Vennick Choir): The Vennick Choir is")
 
 
 def test_hotpotqa_corpus_per_question_or_pooled(published: Path, tmp_path: Path) -> None:
@@ -155,7 +166,8 @@ def test_world_is_seeded_and_the_held_out_world_shares_no_name(world: MultihopEn
     train = {s["question"] for s in world.train_set()}
     held_out = {s["question"] for s in world.eval_set()}
     assert (len(train), len(held_out)) == (1000, 200) and not train & held_out
-    assert {s["corpus"] for s in world.train_set()} == {"train"} and {s["corpus"] for s in world.eval_set()} == {"heldout"}
+    assert {s["corpus"] for s in world.train_set()} == {"train"}
+    assert {s["corpus"] for s in world.eval_set()} == {"heldout"}
     assert len(world.corpora["train"]) == len(world.corpora["heldout"]) == 300
     # No name word of the held-out world occurs in the training world's pages or questions.
     held_words = name_words(world, "heldout")

@@ -231,10 +231,12 @@ def test_sft_writes_a_run_folder_and_a_model_that_train_and_eval_start_from(tiny
                  "--output-dir", str(tmp_path / "rl"), "--progress", "false"]) == 0
 
 
-def test_resume_gives_the_weights_and_logs_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
+def test_resume_gives_the_weights_and_logs_of_an_uninterrupted_run(tiny_model_dir, tmp_path, capsys):
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     assert main(_sft_argv(tiny_model_dir, whole, "--steps", "2")) == 0
     assert main(_sft_argv(tiny_model_dir, halves, "--steps", "1")) == 0
+    assert main(_sft_argv(tiny_model_dir, halves, "--steps", "2")) == 2  # never silently reused
+    assert f"{halves} already holds a run: continue it with `wapo sft --resume {halves}`" in capsys.readouterr().err
     assert main(["sft", "--resume", str(halves), "--steps", "2"]) == 0
     a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(halves / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -255,6 +257,14 @@ def test_sft_from_a_file_of_chat_transcripts(chat_model_dir, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # steps 1 and 2 take a seeded permutation of the 4 transcripts: 6 or 11 trained tokens each
     assert sum(r["tokens"] for r in rows) == 6 + 11 + 6 + 11
+
+
+def test_sft_help_lists_every_field_with_its_docstring(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--n-demos INT Demonstrations used: the first N of the environment's training set" in text
+    assert "--env-options KEY=VALUE [KEY=VALUE ...]" in text and "(default: 'multihop')" in text
 
 
 def test_config_file_then_flags_and_clear_errors(tiny_model_dir, tmp_path, capsys):

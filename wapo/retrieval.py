@@ -566,7 +566,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     for name, text in _LIMIT_HELP.items():
         default = getattr(ServerLimits, name)
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"{text} (default: {default})")
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default,
+                            help=f"{text} (default: {default})")
     parser.set_defaults(func=_run_serve)
 
 

@@ -187,8 +187,8 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             if tool_call and ep.model_tokens < max_new_tokens and turns > 1:
                 calls.append(i)
         # one call for all of this turn's tool calls (a retriever takes them as one batch)
-        replies = env.observe_batch([rows[i] for i in calls],
-                                    [tokenizer.decode(episodes[i].completion_ids, skip_special_tokens=True) for i in calls])
+        texts = [tokenizer.decode(episodes[i].completion_ids, skip_special_tokens=True) for i in calls]
+        replies = env.observe_batch([rows[i] for i in calls], texts)
         for i, reply in zip(calls, replies, strict=True):
             ep = episodes[i]
             if reply is None:

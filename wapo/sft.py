@@ -281,7 +281,8 @@ def build_examples(config: SFTConfig, tokenizer) -> Examples:
         env = make_env(config.env, config.env_options)
         samples = list(env.train_set())[: config.n_demos or None]
         try:
-            pairs = demonstration_episodes(tokenizer, env, samples, max_observation_tokens=config.max_observation_tokens)
+            pairs = demonstration_episodes(tokenizer, env, samples,
+                                           max_observation_tokens=config.max_observation_tokens)
         except NotImplementedError as err:
             raise cfg.ConfigError(f"{err}; give chat transcripts with --data FILE.jsonl instead") from None
         correct = [episode for sample, episode in pairs if env.reward(sample, episode.text).correct]
@@ -308,6 +309,9 @@ def sft(config: SFTConfig, *, resume: str | Path | None = None) -> Path:
     from wapo.runlog import RunLog
 
     run_dir = Path(resume) if resume else Path(config.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}-sft")
+    if not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
+        raise cfg.ConfigError(f"{run_dir} already holds a run: continue it with `wapo sft --resume {run_dir}`, "
+                              f"or pick another --output-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_config(config))
     torch.manual_seed(config.seed)
@@ -337,7 +341,8 @@ def sft(config: SFTConfig, *, resume: str | Path | None = None) -> Path:
     try:
         while step < config.steps:
             t0 = time.perf_counter()
-            rows = [examples.episodes[i] for i in batch_indices(step, config.batch_size, len(examples.episodes), config.seed)]
+            indices = batch_indices(step, config.batch_size, len(examples.episodes), config.seed)
+            rows = [examples.episodes[i] for i in indices]
             metrics = accumulate_gradients(model, optimizer, rows, config)
             metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this step uses
             updating = True

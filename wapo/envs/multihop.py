@@ -8,12 +8,13 @@ environment text is masked out of the loss) and as `demonstration()` writes it f
 
     question : Where is the head office of the organisation that employs Odo Vaskir?
     model    : <search>Odo Vaskir</search>
-    env      : <information>Doc 1 (Odo Vaskir): Odo Vaskir is a clockmaker born in Tarrimon
-               in 1802. He is employed by Vaskir Guild. ...
-               Doc 2 (Vaskir Guild): ... </information>
-    model    : <search>Vaskir Guild</search>
-    env      : <information>Doc 1 (Vaskir Guild): Vaskir Guild, a printing organisation set up
-               by Lira Vaskir in 1841, is based in Quessara. ...</information>
+    env      : <information>Doc 1 (Vaskir Odo): Vaskir Odo is a weaver who was born in Lunar ...
+               Doc 2 (Odo Vaskir): Odo Vaskir is a clockmaker, born in 1802 in Tarrimon. He is
+               employed by Guild of Brintel. He was trained by Lira Sorn.</information>
+    model    : <search>Guild of Brintel</search>
+    env      : <information>Doc 1 (Brintel Guild): Brintel Guild is a mining organisation ...
+               Doc 2 (Guild of Brintel): Guild of Brintel, a printing organisation set up by
+               Lira Sorn in 1841, is based in Quessara.</information>
     model    : <answer>Quessara</answer>                      -> EM 1, reason "correct"
 
 Sample keys: `id`, `question`, `answer` (str), `golds` (accepted answers), `chain` (the ids
@@ -502,7 +503,8 @@ def generate_world(seed: int, n_entities: int, *, twin_names: float = 0.0, parap
             "profession": rng.choice(_PROFESSIONS),
         }
         world[pid] = Entity(pid, "person", name, facts, style(), rng.choice(["He", "She"]))
-    orgs = named(n_orgs, lambda: f"{names.word(2)} {rng.choice(_ORG_KINDS)}", lambda name: "{1} of {0}".format(*name.split()))
+    orgs = named(n_orgs, lambda: f"{names.word(2)} {rng.choice(_ORG_KINDS)}",
+                 lambda name: "{1} of {0}".format(*name.split()))
     for oid, name in zip(org_ids, orgs):
         facts = {
             "founder": rng.choice(person_ids),
