@@ -221,11 +221,13 @@ def test_eval_of_a_run_or_of_its_checkpoint_prints_the_same_json(one_step_run, c
 
 def test_serve_retriever_passes_its_flags_to_serve(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(wapo.retrieval, "serve", lambda *args: calls.append(args))  # serve() blocks
+    monkeypatch.setattr(wapo.retrieval, "serve", lambda *args, **limits: calls.append((args, limits)))  # it blocks
     corpus = str(tmp_path / "corpus.jsonl")
     main(["serve-retriever", "--corpus", corpus, "--host", "127.0.0.1", "--port", "0", "--max-queries", "5",
           "--max-top-k", "7", "--max-body-bytes", "1000"])
-    assert calls == [(corpus, "127.0.0.1", 0, 5, 7, 1000)]
+    limits = {"max_queries": 5, "max_top_k": 7, "max_body_bytes": 1000, "max_json_depth": 8, "max_threads": 8,
+              "max_pending": 64}
+    assert calls == [((corpus, "127.0.0.1", 0), limits)]
     with pytest.raises(SystemExit) as exit_info:
         main(["serve-retriever", "--port", "0"])  # --corpus is required
     assert exit_info.value.code == 2

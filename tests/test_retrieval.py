@@ -25,7 +25,9 @@ from wapo.retrieval import (
     Doc,
     HttpRetriever,
     RetrieverError,
+    SearchTimeout,
     add_serve_parser,
+    json_nesting_exceeds,
     load_corpus,
     make_server,
     parse_response,
@@ -297,9 +299,134 @@ def test_multihop_env_searches_through_a_server(tmp_path: Path) -> None:
     from wapo.envs.multihop import MultihopEnv
 
     local = MultihopEnv(n_entities=40, n_train=20, n_eval=10)
-    write_corpus(local.docs, tmp_path / "world.jsonl")
+    write_corpus(local.corpora["heldout"], tmp_path / "world.jsonl")
     sample = local.eval_set()[0]
-    turn = f"<search>{sample['question']}</search>"
+    turns = [f"<search>{sample['question']}</search>", "<search>Nobody Here</search>"]
     with serving(make_server(tmp_path / "world.jsonl", port=0)) as url:
         remote = MultihopEnv(n_entities=40, n_train=20, n_eval=10, retriever=url)
-        assert remote.observe(sample, turn) == local.observe(sample, turn)
+        assert remote.observe_batch([sample] * 2, turns) == local.observe_batch([sample] * 2, turns)
+        assert remote.metrics()["searches"] == 2
+
+
+# --- time limits and the server's guards ---------------------------------------------
+
+
+def slow_server(delay_s: float) -> tuple[ThreadingHTTPServer, threading.Event]:
+    """Answers the health check at once and, once `slow` is set, every later query after `delay_s`."""
+    slow = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if slow.is_set():
+                time.sleep(delay_s)
+            data = json.dumps({"result": [['"A"\na'] for _ in body["queries"]]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                self.wfile.write(data)
+            except OSError:
+                pass  # the client gave up
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return ThreadingHTTPServer(("127.0.0.1", 0), Handler), slow
+
+
+def test_a_search_gives_up_at_its_deadline() -> None:
+    server, slow = slow_server(delay_s=3.0)
+    with serving(server) as url:
+        client = HttpRetriever(url, backoff_s=0.01)
+        slow.set()
+        start = time.monotonic()
+        with pytest.raises(SearchTimeout, match="deadline passed"):
+            client.search(["q"], 1, deadline=time.monotonic() + 0.4)
+        assert time.monotonic() - start < 1.5  # not 4 attempts x 30 s
+        assert client.failures == 0  # a timeout is not a retriever failure
+
+
+def test_a_slow_server_cannot_stall_a_rollout_turn() -> None:
+    from wapo.envs.multihop import SEARCH_CAPPED, MultihopEnv
+
+    server, slow = slow_server(delay_s=3.0)
+    with serving(server) as url:
+        env = MultihopEnv(n_entities=40, n_train=20, n_eval=10, retriever=url, max_turns=3, search_time_s=0.6)
+        slow.set()
+        start = time.monotonic()
+        replies = env.observe_batch(env.eval_set()[:3], ["<search>a</search>"] * 3)
+        assert time.monotonic() - start < 1.5  # the turn's share: 0.6 / 2 = 0.3 s
+    assert replies == ["\n" + SEARCH_CAPPED + "\n"] * 3
+    assert env.metrics()["search_capped"] == 3
+
+
+def test_an_oversized_body_is_refused_without_being_read(corpus_file: Path) -> None:
+    with serving(make_server(corpus_file, port=0, max_body_bytes=200)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            # announce a gigabyte, send a few bytes: the answer must not wait for the rest
+            conn.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000000000\r\n\r\n{\"queries\"")
+            start = time.monotonic()
+            answer = conn.makefile("rb").read()
+        assert time.monotonic() - start < 2
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 413") and b"Connection: close" in head
+    assert json.loads(body) == {"error": "body of 1000000000 bytes exceeds 200"}
+
+
+@pytest.mark.parametrize(
+    "body, status, error",
+    [
+        ('{"queries": ' + "[" * 9 + '"a"' + "]" * 9 + "}", 400, "JSON nested deeper than 8 levels"),
+        # a hundred thousand levels would exhaust json.loads' recursion in the server thread
+        ("[" * 100_000, 400, "JSON nested deeper than 8 levels"),
+        ('{"queries": ["[[[[[[[[[[ {{{{{{{{{ \\" [[[["]}', 200, None),  # brackets inside a string do not count
+    ],
+)
+def test_deeply_nested_json_is_refused_before_parsing(corpus_file: Path, body: str, status: int,
+                                                      error: str | None) -> None:
+    assert json_nesting_exceeds(body.encode(), 8) is (status == 400)
+    with serving(make_server(corpus_file, port=0)) as url:
+        got_status, got_body = post(url + "/retrieve", body.encode())
+    assert got_status == status
+    if error:
+        assert got_body == {"error": error}
+
+
+def test_the_server_serves_on_a_bounded_pool_and_turns_away_the_overflow(corpus_file: Path) -> None:
+    server = make_server(corpus_file, port=0, max_threads=2, max_pending=1)
+    release, inside, lock = threading.Event(), [], threading.Lock()
+    busiest = [0]
+    search = server.retriever.search_docs
+
+    def blocking_search(queries, top_k):
+        with lock:
+            inside.append(1)
+            busiest[0] = max(busiest[0], len(inside))
+        release.wait(10)
+        with lock:
+            inside.pop()
+        return search(queries, top_k)
+
+    server.retriever.search_docs = blocking_search
+    statuses: list[int] = []
+    body = json.dumps({"queries": ["Quessara"]}).encode()
+    with serving(server) as url:
+        first = [threading.Thread(target=lambda: statuses.append(post(url + "/retrieve", body)[0]))
+                 for _ in range(3)]
+        for thread in first:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while len(inside) < 2 and time.monotonic() < deadline:  # two served, the third waiting
+            time.sleep(0.01)
+        time.sleep(0.2)
+        start = time.monotonic()
+        with pytest.raises(OSError):  # no slot left: closed at once (HttpRetriever retries such errors)
+            post(url + "/retrieve", body)
+        assert time.monotonic() - start < 1
+        release.set()
+        for thread in first:
+            thread.join(10)
+    assert sorted(statuses) == [200, 200, 200] and busiest[0] == 2

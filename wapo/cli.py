@@ -1,10 +1,11 @@
-"""The `wapo` command: train, eval, serve-retriever.
+"""The `wapo` command: train, eval, sft, serve-retriever.
 
     wapo train                                  # WAPO on 1-digit addition with the built-in model
     wapo train --loss grpo --steps 3 --lr 1e-5 --output-dir runs/x
     wapo train --config my.toml --env rg:chain_sum --env-options size=3
     wapo train --resume runs/x                  # continue from its last checkpoint
     wapo eval --checkpoint runs/x               # held-out accuracy of a run's last checkpoint
+    wapo sft --output-dir runs/sft              # warm start on demonstrations -> runs/sft/model
     wapo serve-retriever --corpus corpus.jsonl  # BM25 search server (Search-R1 contract)
     wapo export runs/x hf/x                     # the last checkpoint as a Hugging Face model folder
 """
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     from wapo.retrieval import add_serve_parser
+    from wapo.sft import add_sft_parser
 
+    add_sft_parser(sub)
     add_serve_parser(sub)
     from wapo.export import add_export_parser
 

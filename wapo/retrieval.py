@@ -19,8 +19,11 @@ The HTTP contract is Search-R1's (`search_r1/search/retrieval_server.py`):
 
 with `return_scores: true` each item is `{"document": {...}, "score": 1.3}` instead. Our
 server also accepts `top_k` for `topk`, answers `GET /health`, and enforces request limits
-(4xx with `{"error": "..."}`). Our client reads all of the above plus a bare list of lists
-and plain-string or `{"title", "text"}` items.
+(4xx with `{"error": "..."}`): queries per request, `topk`, body size (refused from its
+`Content-Length` before any of it is read) and JSON nesting depth; it serves on a bounded pool
+of threads and closes new connections while the pool and its queue are full. Our client reads all of the
+above plus a bare list of lists and plain-string or `{"title", "text"}` items; a search can
+carry a deadline, past which it gives up with `SearchTimeout` instead of retrying.
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ import argparse
 import hashlib
 import http.client
 import json
+import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,13 +58,21 @@ INDEX_VERSION = 1
 class Retriever(Protocol):
     """Anything that maps queries to ranked passage strings."""
 
-    def search(self, queries: list[str], top_k: int) -> list[list[str]]:
-        """One list of at most `top_k` passages per query, best first."""
+    def search(self, queries: list[str], top_k: int, *, deadline: float | None = None) -> list[list[str]]:
+        """One list of at most `top_k` passages per query, best first.
+
+        `deadline` (a `time.monotonic()` value): a backend that waits on something (a server)
+        gives up at that moment with `SearchTimeout`; in-process ones may ignore it.
+        """
         ...
 
 
 class RetrieverError(RuntimeError):
     """The retriever could not be reached, or kept failing after bounded retries."""
+
+
+class SearchTimeout(RetrieverError):
+    """The search's deadline passed before the retriever answered."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,8 +194,9 @@ class BM25Retriever:
             for row_ids, row_scores in zip(ids, scores)
         ]
 
-    def search(self, queries: list[str], top_k: int) -> list[list[str]]:
-        """Passage strings per query, best first (see `Retriever`)."""
+    def search(self, queries: list[str], top_k: int, *, deadline: float | None = None) -> list[list[str]]:
+        """Passage strings per query, best first (see `Retriever`); one batched BM25 call,
+        which is not interrupted, so `deadline` is ignored."""
         return [[doc.contents() for doc, _ in hits] for hits in self.search_docs(queries, top_k)]
 
 
@@ -208,7 +223,8 @@ class HttpRetriever:
     connection errors, timeouts, HTTP 429 and 5xx are retried with exponential backoff
     (`backoff_s · 2^attempt`, at most `max_backoff_s`, `max_retries` times); `retries` counts
     the retried attempts and `failures` the calls that gave up with `RetrieverError`. Other
-    4xx answers mean our request is wrong and raise `ValueError` at once.
+    4xx answers mean our request is wrong and raise `ValueError` at once. A search with a
+    `deadline` waits at most until then, retries included, and then raises `SearchTimeout`.
     """
 
     def __init__(
@@ -241,29 +257,36 @@ class HttpRetriever:
         except ValueError as err:
             raise RetrieverError(f"{self.url} does not answer like a retriever: {err}") from None
 
-    def search(self, queries: list[str], top_k: int) -> list[list[str]]:
-        """Passage strings per query, best first (see `Retriever`)."""
+    def search(self, queries: list[str], top_k: int, *, deadline: float | None = None) -> list[list[str]]:
+        """Passage strings per query, best first (see `Retriever`), in one request."""
         if not queries:
             return []
-        body = self._post_with_retries({"queries": queries, "topk": top_k})
+        body = self._post_with_retries({"queries": queries, "topk": top_k}, deadline)
         return parse_response(body, n_queries=len(queries))
 
-    def _post_with_retries(self, payload: dict[str, Any]) -> Any:
+    def _post_with_retries(self, payload: dict[str, Any], deadline: float | None = None) -> Any:
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
+            timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+            if timeout <= 0:
+                raise SearchTimeout(f"retriever at {self.url}: deadline passed after {attempt} attempt(s) "
+                                    f"(last error: {last_error})")
             try:
-                return self._post(payload)
+                return self._post(payload, timeout)
             except _TRANSIENT as err:
                 last_error = err
             if attempt < self.max_retries:
                 self.retries += 1
-                time.sleep(min(self.backoff_s * 2**attempt, self.max_backoff_s))
+                pause = min(self.backoff_s * 2**attempt, self.max_backoff_s)
+                time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+        if deadline is not None and time.monotonic() >= deadline:  # the last attempt ran into it
+            raise SearchTimeout(f"retriever at {self.url}: deadline passed ({last_error})")
         self.failures += 1
         raise RetrieverError(
             f"retriever at {self.url} failed {self.max_retries + 1} times: {last_error}"
         )
 
-    def _post(self, payload: dict[str, Any]) -> Any:
+    def _post(self, payload: dict[str, Any], timeout: float | None = None) -> Any:
         """One POST /retrieve; transient failures raise one of `_TRANSIENT`."""
         request = urllib.request.Request(
             f"{self.url}/retrieve",
@@ -271,7 +294,7 @@ class HttpRetriever:
             headers={"Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout_s) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:300]
@@ -321,7 +344,18 @@ class ServerLimits:
     max_top_k: int = 50
     """Largest `topk`."""
     max_body_bytes: int = 1_000_000
-    """Largest request body (413 beyond)."""
+    """Largest request body (413 beyond, without reading it)."""
+    max_json_depth: int = 8
+    """Deepest nesting of JSON arrays and objects in a body (a request needs 2)."""
+    max_threads: int = 8
+    """Worker threads: requests served at once."""
+    max_pending: int = 64
+    """Connections waiting for a worker; beyond them a new connection is closed at once."""
+
+
+LINGER_S = 1.0
+LINGER_BYTES = 16 << 20
+"""After refusing a body unread: how long, and how much, in-flight input is dropped before closing."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -352,35 +386,50 @@ class _Handler(BaseHTTPRequestHandler):
         if not header.isdigit():
             raise _BadRequest(411, "a Content-Length header is required")
         length = int(header)
-        if length > limits.max_body_bytes:
-            self._discard(length)
+        if length > limits.max_body_bytes:  # refused unread: the connection closes after the answer
+            self.close_connection = True
             raise _BadRequest(413, f"body of {length} bytes exceeds {limits.max_body_bytes}")
+        data = self.rfile.read(length)
+        if json_nesting_exceeds(data, limits.max_json_depth):
+            raise _BadRequest(400, f"JSON nested deeper than {limits.max_json_depth} levels")
         try:
-            body = json.loads(self.rfile.read(length))
+            body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise _BadRequest(400, f"body is not JSON: {err}") from None
         return validate_request(body, limits)
-
-    def _discard(self, length: int) -> None:
-        """Read and drop an oversized body (up to 64 MiB) so the client sees the 413.
-
-        Closing a socket with unread input resets the connection: the client would get a
-        broken pipe instead of the answer.
-        """
-        left = min(length, 64 << 20)
-        while left > 0:
-            chunk = self.rfile.read(min(left, 1 << 16))
-            if not chunk:
-                break
-            left -= len(chunk)
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+        if self.close_connection:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close our side after the answer, then drop what the client still sends for a moment.
+
+        The body was never read; closing a socket with unread input would reset the
+        connection and could destroy the answer before the client reads it. So our side
+        ends first (the client sees the answer, then EOF) and in-flight bytes are discarded
+        for at most `LINGER_S` seconds and `LINGER_BYTES` bytes.
+        """
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_WR)
+        self.connection.settimeout(LINGER_S)
+        end, left = time.monotonic() + LINGER_S, LINGER_BYTES
+        while left > 0 and time.monotonic() < end:
+            try:
+                chunk = self.connection.recv(min(left, 1 << 16))
+            except OSError:
+                break
+            if not chunk:
+                break
+            left -= len(chunk)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence per-request logs; errors reach the client as JSON."""
@@ -390,6 +439,25 @@ class _BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_nesting_exceeds(data: bytes, limit: int) -> bool:
+    """True when arrays and objects in the JSON text `data` nest deeper than `limit`.
+
+    Checked before parsing: `json.loads` recurses once per level, so a body of a million
+    `[` would exhaust the stack of the thread serving it. Brackets inside strings do not
+    count (`{"queries": ["[[["]}` has depth 2).
+    """
+    depth = 0
+    for bracket in _JSON_BRACKET.finditer(_JSON_STRING.sub(b"", data)):
+        depth += 1 if bracket.group() in (b"[", b"{") else -1
+        if depth > limit:
+            return True
+    return False
 
 
 def validate_request(body: Any, limits: ServerLimits) -> dict[str, Any]:
@@ -413,42 +481,55 @@ def _hit_json(doc: Doc, score: float, with_score: bool) -> dict[str, Any]:
     return {"document": document, "score": score} if with_score else document
 
 
-class _RetrievalServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _RetrievalServer(HTTPServer):
+    """An HTTP server whose connections are served by a bounded pool of threads.
+
+    At most `max_threads` requests run at once and `max_pending` more wait; a connection
+    beyond those is closed at once, unread (our client retries it with backoff), so a burst
+    of connections can neither spawn threads nor queue without bound.
+    """
 
     def __init__(self, address: tuple[str, int], retriever: BM25Retriever, limits: ServerLimits):
         super().__init__(address, _Handler)
         self.retriever = retriever
         self.limits = limits
+        self._pool = ThreadPoolExecutor(limits.max_threads, thread_name_prefix="retriever")
+        self._slots = threading.BoundedSemaphore(limits.max_threads + limits.max_pending)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        self._pool.submit(self._serve, request, client_address)
+
+    def _serve(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - as socketserver's threads do: log it, keep serving
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def make_server(
-    corpus_path: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_queries: int = ServerLimits.max_queries,
-    max_top_k: int = ServerLimits.max_top_k,
-    max_body_bytes: int = ServerLimits.max_body_bytes,
-) -> ThreadingHTTPServer:
+def make_server(corpus_path: str | Path, host: str = "127.0.0.1", port: int = 8000, **limits: int) -> HTTPServer:
     """A BM25 retrieval server over a JSONL corpus, bound but not yet serving.
 
-    Port 0 picks a free port (`server.server_address[1]`). Call `serve_forever()` (e.g. in
-    a thread) and `shutdown()`; the default host keeps it on loopback.
+    `limits`: fields of `ServerLimits` (e.g. `max_queries=16`). Port 0 picks a free port
+    (`server.server_address[1]`). Call `serve_forever()` (e.g. in a thread), `shutdown()` and
+    `server_close()`; the default host keeps it on loopback.
     """
     retriever = BM25Retriever.from_jsonl(corpus_path)
-    return _RetrievalServer((host, port), retriever, ServerLimits(max_queries, max_top_k, max_body_bytes))
+    return _RetrievalServer((host, port), retriever, ServerLimits(**limits))
 
 
-def serve(
-    corpus_path: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_queries: int = ServerLimits.max_queries,
-    max_top_k: int = ServerLimits.max_top_k,
-    max_body_bytes: int = ServerLimits.max_body_bytes,
-) -> None:
-    """Serve `corpus_path` until interrupted (blocking)."""
-    server = make_server(corpus_path, host, port, max_queries, max_top_k, max_body_bytes)
+def serve(corpus_path: str | Path, host: str = "127.0.0.1", port: int = 8000, **limits: int) -> None:
+    """Serve `corpus_path` until interrupted (blocking); `limits` as for `make_server`."""
+    server = make_server(corpus_path, host, port, **limits)
     bound_host, bound_port = server.server_address[:2]
     print(f"serving {len(server.retriever.docs)} documents on http://{bound_host}:{bound_port}", flush=True)
     try:
@@ -469,19 +550,29 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 _SERVE_HELP = "serve a JSONL corpus with BM25 over HTTP (Search-R1's POST /retrieve contract)"
 
 
+_LIMIT_HELP = {
+    "max_queries": "queries per request",
+    "max_top_k": "largest topk",
+    "max_body_bytes": "largest body (refused unread beyond)",
+    "max_json_depth": "deepest JSON nesting of a body",
+    "max_threads": "requests served at once",
+    "max_pending": "connections waiting for a thread (closed beyond)",
+}
+
+
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    limits = ServerLimits()
     parser.add_argument("--corpus", required=True, help="JSONL corpus: id, title, text per line")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--max-queries", type=int, default=limits.max_queries, help="queries per request")
-    parser.add_argument("--max-top-k", type=int, default=limits.max_top_k, help="largest topk")
-    parser.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="largest body")
+    for name, text in _LIMIT_HELP.items():
+        default = getattr(ServerLimits, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default,
+                            help=f"{text} (default: {default})")
     parser.set_defaults(func=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> None:
-    serve(args.corpus, args.host, args.port, args.max_queries, args.max_top_k, args.max_body_bytes)
+    serve(args.corpus, args.host, args.port, **{name: getattr(args, name) for name in _LIMIT_HELP})
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             max_new_tokens=[max_new_tokens - episodes[i].model_tokens for i in active],
             temperature=temperature, top_p=top_p, stop_strings=env.stop_strings, generator=generator,
         )
-        still_active = []
+        still_active, calls = [], []
         for row, i in enumerate(active):
             ep = episodes[i]
             ep.turns += 1
@@ -184,9 +184,13 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             ep.finished = gen.stopped[row]
             # only a turn ended by a stop string (not EOS, not the budget) is a tool call
             tool_call = gen.stopped[row] and bool(gen.tokens[row]) and gen.tokens[row][-1] not in eos
-            if not tool_call or ep.model_tokens >= max_new_tokens or turns <= 1:
-                continue
-            reply = env.observe(rows[i], tokenizer.decode(ep.completion_ids, skip_special_tokens=True))
+            if tool_call and ep.model_tokens < max_new_tokens and turns > 1:
+                calls.append(i)
+        # one call for all of this turn's tool calls (a retriever takes them as one batch)
+        texts = [tokenizer.decode(episodes[i].completion_ids, skip_special_tokens=True) for i in calls]
+        replies = env.observe_batch([rows[i] for i in calls], texts)
+        for i, reply in zip(calls, replies, strict=True):
+            ep = episodes[i]
             if reply is None:
                 continue
             if turn == turns - 1:  # no turn left to read the reply: the episode ran out of turns

@@ -6,9 +6,13 @@ answer?) and grading (is it right?) are separate steps, and a grader that cannot
 why in `RewardResult.reason` instead of raising.
 
 Multi-turn (tool) environments set `max_turns > 1` and `stop_strings`; after each model turn
-that ends in one of `stop_strings` the trainer calls `observe()` and appends the returned text
-to the context as environment tokens (mask 0 in the loss), until `observe()` returns None,
-`max_turns` is reached or the token budget runs out.
+that ends in one of `stop_strings` the trainer calls `observe_batch()` once for all such rows
+and appends each returned text to its row's context as environment tokens (mask 0 in the
+loss), until the reply is None, `max_turns` is reached or the token budget runs out.
+
+An environment that can write gold episodes (`demonstration()`) gives `wapo sft` its
+supervised warm start: the model turns of a perfect episode, to which `observe_batch()` adds
+the environment's replies exactly as in a rollout.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ class RewardResult:
     """Why: e.g. "correct", "wrong answer", "no answer found", "grader timeout"."""
     extracted: str | None = None
     """The answer the parser found in the completion, if any."""
+    parts: dict[str, float] = field(default_factory=dict)
+    """Named components of `score` (e.g. {"answer": 0.5, "format": 1.0}), each in [0, 1], so
+    that a run can log format learning apart from answer learning; empty for a single-part
+    reward."""
 
 
 @dataclass
@@ -77,6 +85,24 @@ class Environment:
     def observe(self, sample: Sample, completion: str) -> str | None:
         """Multi-turn only: the environment's reply to the last model turn, or None to stop."""
         return None
+
+    def observe_batch(self, samples: Sequence[Sample], completions: Sequence[str]) -> list[str | None]:
+        """Multi-turn only: `observe` for every row that made a tool call in this turn.
+
+        The trainer calls it once per turn, so an environment whose tool takes a batch (a
+        retriever's list of queries) overrides it to send one request; by default each row is
+        answered by `observe` in turn. Returns one reply (or None) per row, in order.
+        """
+        return [self.observe(s, c) for s, c in zip(samples, completions, strict=True)]
+
+    def demonstration(self, sample: Sample) -> list[str] | None:
+        """The model turns of a gold episode for `sample`, or None when it has none.
+
+        `["<search>Velto Works</search>", "<search>Odo Sarn</search>", "<answer>Tarrin</answer>"]`:
+        only the policy's turns; `wapo.sft` asks `observe_batch` for the replies between them,
+        as a rollout does. Environments that cannot write demonstrations raise.
+        """
+        raise NotImplementedError(f"environment {type(self).__name__} does not write demonstrations")
 
     def metrics(self) -> dict[str, float]:
         """Running counters the trainer logs each step as `env_<name>` (e.g. search retries)."""
