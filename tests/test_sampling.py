@@ -17,6 +17,7 @@ from wapo.batch import RolloutBatch, row_token_stats
 from wapo.envs.base import ENVIRONMENTS, Environment, RewardResult
 from wapo.models import load_tokenizer
 from wapo.sampling import Episode, Generation, generate, prompt_ids, rollout
+from wapo.taxonomy import TokenStats
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_a_stop_string_ends_the_turn_as_soon_as_the_text_ends_with_it(tiny, stop
 def test_top_p_samples_only_inside_the_nucleus_taken_at_the_temperature():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
     # T = 1: probabilities before each token 0, .5, .8, .95; the nucleus of 0.7 is {0, 1}
-    ids, logp = sampling._sample(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    ids, (logp, *_) = sampling._sample(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
     assert set(ids.tolist()) == {0, 1}
     # behaviour log-probabilities are of the untruncated distribution: log 0.5, log 0.3
     torch.testing.assert_close(logp, torch.tensor([0.5, 0.3]).log()[ids])
@@ -204,7 +205,13 @@ class ScriptedGenerate:
         for text in texts:
             ends_with_stop = any(text.endswith(s) for s in stop_strings)
             tokens.append(_ids(self.tok, text) + ([] if ends_with_stop else [self.tok.eos_token_id]))
-        return Generation(tokens=tokens, logprobs=[[-0.5] * len(t) for t in tokens], stopped=[True] * len(tokens))
+        return Generation(tokens=tokens, stopped=[True] * len(tokens), stats=[_scripted_stats(len(t)) for t in tokens])
+
+
+def _scripted_stats(n: int) -> TokenStats:
+    """A scripted turn's taxonomy: every token at log p = -0.5, entropy 1, collision 0.25, a peak."""
+    full = lambda value: torch.full((n,), value)  # noqa: E731
+    return TokenStats(full(-0.5), full(1.0), full(0.25), torch.ones(n, dtype=torch.bool), full(0.0), full(0.0))
 
 
 def test_environment_tokens_are_masked_out_of_the_episode_and_the_loss(tiny, monkeypatch):

@@ -1,9 +1,19 @@
-"""Sampling: batched generation with behaviour log-probabilities, and multi-turn episodes.
+"""Sampling: batched generation with behaviour log-probabilities and taxonomy, and multi-turn episodes.
 
 `generate` runs all prompts × samples as one left-padded batch with explicit position ids and
-a KV cache. At each step it keeps only the sampled token's log-probability (at the sampling
-temperature, of the untruncated distribution, as TRL and verl record it), never a
-vocabulary-sized tensor per step.
+a KV cache; a prompt shared by several rows (the G samples of a problem) is run once and its
+cache copied to them. At each step it keeps, for the sampled token only, its log-probability
+and its taxonomy (entropy, collision Σp², peak flag and first-order forecasts, docs/math.md),
+at the sampling temperature and of the untruncated distribution (as TRL and verl record
+log-probabilities), never a vocabulary-sized tensor per token.
+
+What makes it fast on a CPU (measured by benchmarks/decode_speed.py):
+- full-attention cache layers write each step's keys and values into a preallocated buffer
+  (`_PreallocatedLayer`) instead of concatenating, which copies the whole cache every step;
+- finished rows leave the batch once an eighth of it has finished (`DROP_FINISHED`), not one
+  by one: each removal copies the cache of the rows that stay;
+- tokens are drawn by inverse CDF with one uniform per row (`_draw`); `torch.multinomial`
+  draws one exponential per vocabulary entry, ~20x slower here.
 
 `rollout` plays episodes: single-turn environments are one `generate` call; multi-turn ones
 alternate model turns (ended by EOS, a stop string or the budget) with the environment's
@@ -12,12 +22,21 @@ replies, which enter the context as tokens with mask 0 (they are not the policy'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from wapo.envs.base import Environment, Sample
 from wapo.models import cache_argument
+from wapo.taxonomy import TokenStats, _chunk_sums, _fields_from_sums
+
+DROP_FINISHED = 1 / 8
+"""Finished rows leave the batch once they make up this fraction of it (a removal copies the cache)."""
+
+SAMPLING_BLOCK = 256
+"""Vocabulary entries per block of the inverse-CDF draw (`_draw`)."""
 
 
 @dataclass
@@ -32,6 +51,9 @@ class Episode:
     finished: bool = False
     """Ended by EOS, an answer or the environment; False means the budget ran out (truncated)."""
     turns: int = 0
+    behaviour_stats: TokenStats | None = None
+    """The sampler's taxonomy of each completion token (fields shaped (len(completion_ids),), `logp`
+    equal to `behaviour_logprobs`); environment tokens hold 0 (`is_peak` False). Set by `rollout`."""
 
     @property
     def model_tokens(self) -> int:
@@ -41,9 +63,16 @@ class Episode:
 @dataclass
 class Generation:
     tokens: list[list[int]]
-    logprobs: list[list[float]]
     stopped: list[bool]
     """True when the row ended with EOS or a stop string (not the budget)."""
+    stats: list[TokenStats]
+    """Each row's taxonomy of its sampled tokens (fields shaped (len(tokens[i]),)), at the sampling
+    temperature and of the untruncated distribution. Greedy decoding (temperature 0) records the
+    limit T -> 0, a point mass on the argmax: logp 0, entropy 0, collision 1, peak, pred_* 0."""
+
+    @property
+    def logprobs(self) -> list[list[float]]:
+        return [s.logp.tolist() for s in self.stats]
 
 
 @torch.no_grad()
@@ -53,71 +82,153 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list
     """Sample continuations of token-id prompts; temperature 0 means greedy.
 
     Rows stop at EOS (kept as the last token), at a stop string (decoded text ends with it)
-    or at their own `max_new_tokens`.
+    or at their own `max_new_tokens`. The same `generator` state gives the same tokens.
     """
-    device = next(model.parameters()).device
     n = len(prompts)
-    budgets = torch.as_tensor([max_new_tokens] * n if isinstance(max_new_tokens, int) else max_new_tokens)
-    width = max(map(len, prompts))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((n, width), pad, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.as_tensor(p)
-        attention[i, width - len(p):] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    eos = torch.as_tensor(sorted(_eos_ids(model, tokenizer)), device=device)
-
+    budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    steps = max([0, *budgets])
+    tokens = torch.zeros(n, steps, dtype=torch.long)
+    sums = torch.zeros(4, n, steps)  # log p_s, H, C and Σ p² log p of each sampled token
+    lengths, stopped = [0] * n, [False] * n
     was_training = model.training
     model.eval()
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[float]] = [[] for _ in range(n)]
-    stopped = [False] * n
-    rows = [i for i in range(n) if budgets[i] > 0]  # original index of each row still generating
-    keep = torch.as_tensor(rows, dtype=torch.long, device=device)
-    cache, cache_arg = None, cache_argument(model)
-    step_ids, step_pos, attention = input_ids[keep], positions[keep], attention[keep]
-    while rows:
-        out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos,
+    try:
+        if steps > 0:
+            _decode(model, tokenizer, prompts, budgets, temperature=temperature, top_p=top_p, stop_strings=stop_strings,
+                    generator=generator, tokens=tokens, sums=sums, lengths=lengths, stopped=stopped)
+    finally:
+        model.train(was_training)
+    stats = _fields_from_sums(*sums)
+    return Generation(
+        tokens=[tokens[i, :k].tolist() for i, k in enumerate(lengths)], stopped=stopped,
+        stats=[TokenStats(*(getattr(stats, f.name)[i, :k] for f in dataclasses.fields(TokenStats)))
+               for i, k in enumerate(lengths)],
+    )
+
+
+def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_strings, generator, tokens, sums,
+            lengths, stopped) -> None:
+    """`generate`'s decode loop: fills row i's `tokens[i]`, `sums[:, i]` (n, steps), `lengths[i]`, `stopped[i]`.
+
+    All rows advance together, so step t writes column t. A finished row stays in the batch
+    (its samples ignored) until `DROP_FINISHED` of the batch has finished.
+    """
+    device = next(model.parameters()).device
+    rows = torch.as_tensor([i for i, b in enumerate(budgets) if b > 0], dtype=torch.long)  # original index of each row
+    budget = torch.as_tensor(budgets, dtype=torch.long)[rows]
+    live = torch.ones(len(rows), dtype=torch.bool)
+    eos = torch.as_tensor(sorted(_eos_ids(model, tokenizer)))
+    cache_arg = cache_argument(model)
+    logits, cache, attention, positions = _prefill(model, [prompts[i] for i in rows], tokenizer.pad_token_id,
+                                                   capacity=tokens.shape[1])
+    for t in range(tokens.shape[1]):
+        ids, step_sums = _sample(logits.float(), temperature, top_p, generator)
+        ids_here = ids.cpu()
+        tokens[rows[live], t] = ids_here[live]
+        sums[:, rows[live], t] = torch.stack(step_sums).cpu()[:, live]
+        ended = torch.isin(ids_here, eos) & live  # by EOS or, below, a stop string
+        if stop_strings:
+            for r in (live & ~ended).nonzero().flatten().tolist():
+                ended[r] = _ends_with_stop(tokenizer, tokens[rows[r], : t + 1].tolist(), stop_strings)
+        finished = ended | (live & (budget <= t + 1))
+        for r in finished.nonzero().flatten().tolist():
+            lengths[rows[r]], stopped[rows[r]] = t + 1, bool(ended[r])
+        live &= ~finished
+        if not live.any():
+            return
+        if (~live).sum() >= max(1.0, DROP_FINISHED * len(live)):  # drop finished rows from the batch and cache
+            keep = live.nonzero().flatten()
+            cache.batch_select_indices(keep.to(device))
+            rows, budget, live = rows[keep], budget[keep], live[keep]
+            ids, attention, positions = (x[keep.to(device)] for x in (ids, attention, positions))
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+        positions = positions + 1
+        out = model(input_ids=ids.unsqueeze(-1), attention_mask=attention, position_ids=positions,
                     use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-        cache = getattr(out, cache_arg)
-        next_ids, next_logp = _sample(out.logits[:, -1].float(), temperature, top_p, generator)
-        finished = torch.isin(next_ids, eos).tolist()
-        for r, (i, tok, lp) in enumerate(zip(rows, next_ids.tolist(), next_logp.tolist())):
-            tokens[i].append(tok)
-            logprobs[i].append(lp)
-            if not finished[r] and stop_strings and _ends_with_stop(tokenizer, tokens[i], stop_strings):
-                finished[r] = True
-            stopped[i] = finished[r]
-        alive = [r for r, i in enumerate(rows) if not finished[r] and len(tokens[i]) < budgets[i]]
-        if len(alive) < len(rows):  # drop finished rows from the batch and the KV cache
-            keep = torch.as_tensor(alive, dtype=torch.long, device=device)
-            if alive:
-                cache.batch_select_indices(keep)
-            next_ids, attention, step_pos = next_ids[keep], attention[keep], step_pos[keep]
-            rows = [rows[r] for r in alive]
-        step_ids = next_ids.unsqueeze(-1)
-        attention = torch.cat([attention, torch.ones_like(step_ids)], dim=-1)
-        step_pos = step_pos[:, -1:] + 1
-    model.train(was_training)
-    return Generation(tokens=tokens, logprobs=logprobs, stopped=stopped)
+        cache, logits = getattr(out, cache_arg), out.logits[:, -1]
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (n,) and their log-probabilities at the temperature (untruncated)."""
+def _prefill(model, prompts: list[list[int]], pad: int, *, capacity: int):
+    """Run `prompts` (left-padded, explicit positions) and get ready to decode `capacity` tokens.
+
+    Each distinct prompt is run once and its cache copied to the rows that share it (the G
+    samples of a problem). Returns the last position's logits (n, V), the cache, the attention
+    mask (n, width) and the last position ids (n, 1).
+    """
+    device = next(model.parameters()).device
+    distinct: dict[tuple[int, ...], int] = {}
+    row_prompt = torch.as_tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+    width = max(map(len, distinct))
+    input_ids = torch.full((len(distinct), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(distinct), width), dtype=torch.long)
+    for u, p in enumerate(distinct):
+        input_ids[u, width - len(p):] = torch.as_tensor(p)
+        attention[u, width - len(p):] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache_arg = cache_argument(model)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **{cache_arg: _new_cache(model, width + capacity)})
+    cache = getattr(out, cache_arg)
+    if len(distinct) < len(prompts):
+        cache.batch_select_indices(row_prompt)
+    return out.logits[row_prompt, -1], cache, attention[row_prompt], positions[row_prompt, -1:]
+
+
+def _new_cache(model, capacity: int):
+    """A cache that writes decode steps in place (`wapo.kv_cache`), or None: the model builds its own."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    from wapo.kv_cache import preallocated_cache  # imports transformers
+
+    return preallocated_cache(config, capacity)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, tuple]:
+    """Token ids (n,) drawn from float32 `logits` (n, V), and each one's (log p_s, H, C, Σ p² log p).
+
+    The four sums (`wapo.taxonomy._chunk_sums`) are of the untruncated distribution at the
+    temperature, whatever `top_p` keeps. Temperature 0 is greedy: the argmax, with the sums of
+    a point mass on it (0, 0, 1, 0).
+    """
     if temperature == 0:
-        ids = logits.argmax(-1)
-        return ids, torch.zeros_like(ids, dtype=torch.float32)
-    logp = torch.log_softmax(logits / temperature, -1)
-    probs = logp.exp()
+        zeros = logits.new_zeros(logits.shape[0])
+        return logits.argmax(-1), (zeros, zeros, torch.ones_like(zeros), zeros)
+    z = logits / temperature
+    lse, entropy, collision, p2logp = _chunk_sums(z)
+    logp_all = z.sub_(lse.unsqueeze(-1))
+    probs = logp_all.exp()
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(outside, 0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill_(outside, 0))
+    ids = _draw(probs, generator)
+    return ids, (logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1), entropy, collision, p2logp)
+
+
+def _draw(weights: torch.Tensor, generator) -> torch.Tensor:
+    """One index per row of non-negative `weights` (n, V), drawn with probability weight / row sum.
+
+    Inverse CDF with one float64 uniform u per row: the index k with F(k−1) ≤ u·F(V) < F(k), F the
+    running sum. It is found in two levels, first the block of `SAMPLING_BLOCK` entries, then
+    the entry inside it, so the float64 running sums cover V / B block totals and B entries, not
+    V. `torch.multinomial(weights, 1)` draws the same distribution with V exponentials per row
+    (~20x slower for a 49k vocabulary). A zero weight is never drawn, up to float64 rounding at a
+    block's edge (probability ~1e-16).
+    """
+    n, vocab = weights.shape
+    pad = -vocab % SAMPLING_BLOCK
+    blocks = F.pad(weights, (0, pad)) if pad else weights
+    blocks = blocks.view(n, -1, SAMPLING_BLOCK)
+    totals = blocks.sum(-1, dtype=torch.float64)
+    ends = totals.cumsum(-1)  # (n, blocks): F at each block's end
+    u = torch.rand(n, 1, dtype=torch.float64, device=weights.device, generator=generator) * ends[:, -1:]
+    block = torch.searchsorted(ends, u, right=True).clamp_(max=ends.shape[1] - 1)
+    start = ends.gather(-1, block) - totals.gather(-1, block)
+    inside = blocks[torch.arange(n, device=weights.device), block.squeeze(-1)].cumsum(-1, dtype=torch.float64)
+    entry = torch.searchsorted(inside, u - start, right=True).clamp_(max=SAMPLING_BLOCK - 1)
+    return (block * SAMPLING_BLOCK + entry).squeeze(-1).clamp_(max=vocab - 1)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -132,6 +243,18 @@ def _ends_with_stop(tokenizer, ids: list[int], stop_strings: tuple[str, ...]) ->
     # a token covers at least one character, so this many tokens cover the longest stop string
     tail = tokenizer.decode(ids[-max(map(len, stop_strings)):], skip_special_tokens=True)
     return any(tail.endswith(s) for s in stop_strings)
+
+
+def _concat_stats(first: TokenStats | None, then: TokenStats) -> TokenStats:
+    if first is None:
+        return then
+    return TokenStats(*(torch.cat([getattr(first, f.name), getattr(then, f.name)]) for f in dataclasses.fields(TokenStats)))
+
+
+def _zero_stats(n: int) -> TokenStats:
+    """The taxonomy recorded for `n` environment tokens: zeros, not peaks."""
+    zeros = torch.zeros(n)
+    return TokenStats(zeros, zeros, zeros, torch.zeros(n, dtype=torch.bool), zeros, zeros)
 
 
 OBSERVATION_TAIL_TOKENS = 8
@@ -180,7 +303,8 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             ep.turns += 1
             ep.completion_ids += gen.tokens[row]
             ep.completion_mask += [True] * len(gen.tokens[row])
-            ep.behaviour_logprobs += gen.logprobs[row]
+            ep.behaviour_logprobs += gen.stats[row].logp.tolist()
+            ep.behaviour_stats = _concat_stats(ep.behaviour_stats, gen.stats[row])
             ep.finished = gen.stopped[row]
             # only a turn ended by a stop string (not EOS, not the budget) is a tool call
             tool_call = gen.stopped[row] and bool(gen.tokens[row]) and gen.tokens[row][-1] not in eos
@@ -200,6 +324,7 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             ep.completion_ids += obs
             ep.completion_mask += [False] * len(obs)
             ep.behaviour_logprobs += [0.0] * len(obs)
+            ep.behaviour_stats = _concat_stats(ep.behaviour_stats, _zero_stats(len(obs)))
             ep.finished = False  # the model still has to answer
             still_active.append(i)
         active = still_active
