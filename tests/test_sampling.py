@@ -4,6 +4,7 @@ stop strings, nucleus sampling, and the masking of environment tokens in multi-t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import wapo.sampling as sampling
 from wapo.batch import RolloutBatch, row_token_stats
 from wapo.envs.base import ENVIRONMENTS, Environment, RewardResult
-from wapo.models import load_tokenizer
+from wapo.models import cache_argument, load_tokenizer
 from wapo.sampling import Episode, Generation, generate, prompt_ids, rollout
 from wapo.taxonomy import TokenStats
 
@@ -85,6 +86,166 @@ def test_behaviour_logprobs_equal_a_full_forward_at_the_temperature(tiny):
     torch.testing.assert_close(stats.logp[batch.mask], batch.old_logprobs[batch.mask], rtol=0, atol=1e-4)
     at_1 = row_token_stats(model, batch, [0, 1, 2], temperature=1.0, chunk_size=4)
     assert (at_1.logp - batch.old_logprobs)[batch.mask].abs().max() > 1e-2  # the temperature matters
+
+
+def _cat(stats: list[TokenStats]) -> TokenStats:
+    return TokenStats(*(torch.cat([getattr(s, f.name) for s in stats]) for f in dataclasses.fields(TokenStats)))
+
+
+def test_the_sampler_records_the_taxonomy_the_trainer_computes(tiny):
+    model, tok = tiny
+    # two prompts of 3 samples each (each prompt run once); rows end at their own budgets or
+    # EOS, so finished rows leave the batch and its cache on the way
+    prompts = [_ids(tok, "Q:say 1\nA:")] * 3 + [_ids(tok, "Q:a longer question\nA:")] * 3
+    gen = generate(model, tok, prompts, max_new_tokens=[12, 3, 8, 12, 5, 10], temperature=1.3,
+                   generator=torch.Generator().manual_seed(0))
+    episodes = [Episode(p, t, [True] * len(t), lp) for p, t, lp in zip(prompts, gen.tokens, gen.logprobs)]
+    batch = RolloutBatch.from_episodes(episodes, torch.zeros(6))
+    # the trainer's pass: right padding, no cache, the chunked output layer
+    trainer = row_token_stats(model, batch, list(range(6)), temperature=1.3, chunk_size=4)
+    sampler = _cat(gen.stats)
+    assert len(sampler.logp) == int(batch.mask.sum()) == sum(map(len, gen.tokens)) > 30
+    for name in ("logp", "entropy", "collision", "pred_dlogp", "pred_dentropy"):
+        torch.testing.assert_close(getattr(sampler, name), getattr(trainer, name)[batch.mask], rtol=0, atol=1e-5)
+    tie = (sampler.logp.exp() - sampler.collision).abs() < 1e-5  # p_s = C within rounding: either side
+    assert torch.equal(sampler.is_peak[~tie], trainer.is_peak[batch.mask][~tie])
+    assert sampler.is_peak.any() and not sampler.is_peak.all()  # both kinds occur
+    assert sampler.entropy.max() - sampler.entropy.min() > 0.1  # varied distributions, not one repeated
+
+
+def test_greedy_decoding_records_a_point_mass(tiny):
+    model, tok = tiny
+    eos = tok.eos_token_id
+
+    def no_eos(call, logits):
+        logits[..., eos] = -math.inf
+
+    with _steered(model, no_eos):
+        gen = generate(model, tok, [_ids(tok, "Q:say 1\nA:")], max_new_tokens=5, temperature=0.0)
+    (stats,) = gen.stats
+    # the limit T -> 0: p = 1 on the argmax, so log p = 0, H = 0, C = 1, p_s >= C, and
+    # pred_dlogp = 1 - 2·1 + 1 = 0, pred_dentropy = -[1·(0 + 0) - (0 + 1·0)] = 0
+    assert stats.logp.tolist() == stats.entropy.tolist() == [0.0] * 5
+    assert stats.collision.tolist() == [1.0] * 5 and stats.is_peak.all()
+    assert stats.pred_dlogp.tolist() == stats.pred_dentropy.tolist() == [0.0] * 5
+
+
+def test_the_same_generator_seed_gives_the_same_tokens(tiny):
+    model, tok = tiny
+    prompts = [_ids(tok, "Q:say 1\nA:")] * 4
+
+    def sample(seed):
+        return generate(model, tok, prompts, max_new_tokens=10, temperature=1.5,
+                        generator=torch.Generator().manual_seed(seed))
+
+    first, again, other = sample(0), sample(0), sample(1)
+    assert first.tokens == again.tokens and first.logprobs == again.logprobs
+    assert first.tokens != other.tokens
+    assert len({tuple(t) for t in first.tokens}) > 1  # rows of one prompt draw their own tokens
+
+
+def test_a_shared_prompt_runs_once_and_its_rows_continue_as_alone(tiny):
+    model, tok = tiny
+    p, q = _ids(tok, "Q:say 1\nA:"), _ids(tok, "Q:say the digit 2\nA:")
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        together = generate(model, tok, [p, q, p, p], max_new_tokens=6, temperature=0.0)
+    finally:
+        hook.remove()
+    assert shapes[0] == (2, len(q))  # the prompt pass: the 2 distinct prompts, left-padded to q
+    assert shapes[1] == (4, 1)  # then one token for each of the 4 rows
+    for row, prompt in enumerate([p, q, p, p]):
+        assert together.tokens[row] == generate(model, tok, [prompt], max_new_tokens=6, temperature=0.0).tokens[0]
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5, 1.0])  # at each finish, at half the batch, never
+def test_dropping_finished_rows_from_the_batch_changes_no_token(tiny, monkeypatch, drop):
+    model, tok = tiny
+    eos = tok.eos_token_id
+
+    def no_eos(call, logits):
+        logits[..., eos] = -math.inf
+
+    prompts = [_ids(tok, f"Q:say {d}\nA:") for d in range(6)]
+    budgets = [1, 9, 2, 9, 3, 9]
+    with _steered(model, no_eos):
+        alone = [generate(model, tok, [p], max_new_tokens=b, temperature=0.0).tokens[0] for p, b in zip(prompts, budgets)]
+        monkeypatch.setattr(sampling, "DROP_FINISHED", drop)
+        together = generate(model, tok, prompts, max_new_tokens=budgets, temperature=0.0)
+    assert together.tokens == alone
+    assert [len(t) for t in together.tokens] == budgets
+    assert len({tuple(t) for t in alone}) == 6  # the prompts lead to different continuations
+
+
+def test_the_preallocated_cache_writes_each_step_in_place(tiny):
+    from wapo.kv_cache import preallocated_cache
+
+    model, _ = tiny
+    ids = torch.randint(2, 40, (3, 9), generator=torch.Generator().manual_seed(0))
+    cache_arg = cache_argument(model)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits  # no cache at all
+        cache = preallocated_cache(model.config, capacity=9)
+        model(input_ids=ids[:, :5], use_cache=True, **{cache_arg: cache})
+        buffers = [layer.keys.data_ptr() for layer in cache.layers]
+        for t in range(5, 7):
+            step = model(input_ids=ids[:, t:t + 1], use_cache=True, **{cache_arg: cache}).logits[:, -1]
+            torch.testing.assert_close(step, full[:, t], rtol=0, atol=1e-5)
+        assert [layer.keys.data_ptr() for layer in cache.layers] == buffers  # written in place, not copied
+        assert [layer.keys.shape[2] for layer in cache.layers] == [7, 7]
+        cache.batch_select_indices(torch.tensor([2, 0]))  # rows leave the batch: a copy, then in place again
+        for t in range(7, 9):
+            step = model(input_ids=ids[[2, 0], t:t + 1], use_cache=True, **{cache_arg: cache}).logits[:, -1]
+            torch.testing.assert_close(step, full[[2, 0], t], rtol=0, atol=1e-5)
+
+
+# sparse weights over 600 entries: blocks of 256 (the last one padded), mass on both sides of
+# each block edge, zeros elsewhere; integer weights, total 20 (the draw needs no normalising)
+SPARSE = {0: 1.0, 1: 4.0, 255: 2.0, 256: 3.0, 300: 4.0, 511: 2.0, 512: 2.0, 599: 2.0}
+CHI2_999 = {7: 24.32, 9: 27.88}  # chi-square quantiles at 0.999 by degrees of freedom
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("draw", ["inverse_cdf", "multinomial"])
+def test_the_draw_follows_the_weights(draw):
+    # the same goodness-of-fit test passes for sampling._draw and for torch.multinomial
+    weights = torch.zeros(600)
+    weights[list(SPARSE)] = torch.tensor(list(SPARSE.values()))
+    batch = weights.expand(20_000, 600)
+    gen = torch.Generator().manual_seed(0)
+    ids = sampling._draw(batch, gen) if draw == "inverse_cdf" else torch.multinomial(batch, 1, generator=gen).squeeze(-1)
+    counts = torch.bincount(ids, minlength=600).double()
+    assert counts[weights == 0].sum() == 0  # zero weight: never drawn
+    nonzero = weights > 0
+    assert _chi2(counts[nonzero], weights[nonzero].double() / 20) < CHI2_999[7]
+
+
+def test_the_draw_follows_a_softmax_over_a_large_vocabulary():
+    # 1,000 entries (not a multiple of the block), probabilities from 8e-7 to 0.05; the test
+    # groups tokens into 10 bins of about equal probability (0.09 to 0.11)
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 1.5
+    probs = torch.softmax(logits, -1)
+    ids = sampling._draw(probs.expand(40_000, 1000), torch.Generator().manual_seed(0))
+    order = probs.argsort()
+    bin_of = torch.empty(1000, dtype=torch.long)
+    bin_of[order] = torch.bucketize(probs[order].cumsum(0), torch.linspace(0.1, 0.9, 9))
+    counts = torch.bincount(bin_of[ids], minlength=10).double()
+    bin_probs = torch.zeros(10, dtype=torch.float64).index_add_(0, bin_of, probs.double())
+    assert bin_probs.min() > 0.09
+    assert _chi2(counts, bin_probs) < CHI2_999[9]
+
+
+def test_same_uniform_same_token():
+    # the draw is a function of the generator's state: equal seeds, equal tokens
+    weights = torch.softmax(torch.randn(8, 700, generator=torch.Generator().manual_seed(2)), -1)
+    first = sampling._draw(weights, torch.Generator().manual_seed(5))
+    assert torch.equal(first, sampling._draw(weights, torch.Generator().manual_seed(5)))
+    assert not torch.equal(first, sampling._draw(weights, torch.Generator().manual_seed(6)))
 
 
 def test_each_row_stops_at_its_own_budget(tiny):

@@ -1,0 +1,160 @@
+"""How close sampling runs to this machine's matrix-multiply limit, measured side by side.
+
+One process prints, for float32 and bfloat16 (a bf16 copy of the built-in model):
+
+  matmul    the rate of 2048 x 2048 matrix products on this machine (GFLOP/s)
+  floor     the tokens/s that rate allows the built-in model: 2 FLOPs per parameter per token,
+            counting the parameters a token meets in a matmul, i.e. every decoder layer's
+            weights and the output layer (tied to the embedding: its one copy counts once, as
+            the output layer). The input embedding is a lookup, not a matmul; the norms'
+            weights are elementwise; attention over the context (QK^T, AV) is left out.
+  step      the model's own decode step: one new token for each of 64 rows on a 72-position
+            cache (the default step's prompt + half its budget), with transformers' cache and
+            with the sampler's preallocated one (`wapo.kv_cache`)
+  generate  `wapo.sampling.generate` on the default step: the default arithmetic environment's
+            first 8 training prompts x 8 samples = 64 rows, <= 48 new tokens, temperature 1;
+            tokens/s counts the sampled tokens (rows stop at EOS)
+each as tokens/s and as a fraction of the floor. Times are medians of --repeats runs, the
+variants interleaved within each repeat so that load from other processes hits all alike.
+
+    python benchmarks/decode_speed.py [--repeats 3] [--baseline 7c5d278]
+
+--baseline REV also times `generate` as it is at git revision REV (7c5d278: before the speed
+work), loaded from git into a module of its own. Its tokens differ (it draws with
+torch.multinomial), so its token count is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from wapo.config import BUILTIN_MODEL
+from wapo.envs import make_env
+from wapo.kv_cache import preallocated_cache
+from wapo.models import cache_argument, load_policy, load_tokenizer
+from wapo.sampling import generate, prompt_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: thread pool, kernel selection
+    start = time.perf_counter()
+    a @ b
+    return 2 * size**3 / (time.perf_counter() - start) / 1e9
+
+
+def matmul_parameters(model) -> int:
+    """Parameters a token meets in a matmul: the decoder layers' linear weights and the output layer."""
+    body = model.get_decoder()
+    linear = sum(m.weight.numel() for m in body.layers.modules() if isinstance(m, torch.nn.Linear))
+    return linear + model.get_output_embeddings().weight.numel()
+
+
+def step_seconds(model, rows: int, context: int, preallocated: bool) -> float:
+    """Seconds of one decode step (one token per row) on a `context`-position cache."""
+    cache_arg = cache_argument(model)
+    cache = preallocated_cache(model.config, context + 1) if preallocated else None
+    ids = torch.randint(100, 10_000, (rows, context + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids[:, :-1], use_cache=True, **{cache_arg: cache}), cache_arg)
+        times = []
+        for _ in range(2):  # the first step allocates; time the second
+            start = time.perf_counter()
+            model(input_ids=ids[:, -1:], use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            times.append(time.perf_counter() - start)
+            cache.crop(-1)
+    return times[-1]
+
+
+def sampler_run(sample_fn, model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, int]:
+    """Seconds and sampled tokens of one `generate` call on `prompts`."""
+    start = time.perf_counter()
+    gen = sample_fn(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
+                    generator=torch.Generator().manual_seed(0))
+    return time.perf_counter() - start, sum(map(len, gen.tokens))
+
+
+def baseline_generate(rev: str):
+    """`generate` of wapo/sampling.py at git revision `rev`, as a module of its own."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:wapo/sampling.py"], check=True,
+                            capture_output=True, text=True).stdout
+    name = f"wapo_sampling_at_{rev}"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, f"{rev}:wapo/sampling.py", "exec"), module.__dict__)
+    return module.generate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--baseline", default="", help="git revision whose generate is timed too (e.g. 7c5d278)")
+    args = ap.parse_args()
+    if args.repeats < 3:
+        ap.error("--repeats must be >= 3 (medians)")
+    warnings.filterwarnings("ignore")
+
+    tokenizer = load_tokenizer(BUILTIN_MODEL)
+    env = make_env("arithmetic")
+    prompts = [prompt_ids(tokenizer, env, s) for s in list(env.train_set())[: args.prompts] for _ in range(args.samples)]
+    fp32 = load_policy(BUILTIN_MODEL, device=torch.device("cpu")).eval()
+    models = {"float32": fp32, "bfloat16": copy.deepcopy(fp32).to(torch.bfloat16)}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    samplers = {"generate": generate}
+    if args.baseline:
+        samplers[f"generate at {args.baseline}"] = baseline_generate(args.baseline)
+    rows, context = len(prompts), max(map(len, prompts)) + args.max_new_tokens // 2
+
+    load_before = os.getloadavg()
+    results: dict[tuple[str, str], list[float]] = {}
+    tokens: dict[tuple[str, str], int] = {}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            results.setdefault((name, "matmul"), []).append(matmul_gflops(dtypes[name]))
+            for preallocated, label in ((False, "step, transformers' cache"), (True, "step, preallocated cache")):
+                results.setdefault((name, label), []).append(rows / step_seconds(model, rows, context, preallocated))
+            for label, fn in samplers.items():
+                seconds, count = sampler_run(fn, model, tokenizer, prompts, args.max_new_tokens)
+                results.setdefault((name, label), []).append(count / seconds)
+                tokens[(name, label)] = count
+    load_after = os.getloadavg()
+
+    flops_per_token = 2 * matmul_parameters(fp32)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average {load_before[0]:.1f} "
+          f"before, {load_after[0]:.1f} after; medians of {args.repeats}")
+    print(f"model: {matmul_parameters(fp32) / 1e6:.1f}M parameters in matmuls "
+          f"(of {sum(p.numel() for p in fp32.parameters()) / 1e6:.1f}M), {flops_per_token / 1e6:.0f} MFLOP per token; "
+          f"{rows} rows, <= {args.max_new_tokens} new tokens")
+    for name in models:
+        gflops = statistics.median(results[(name, "matmul")])
+        floor = gflops * 1e9 / flops_per_token
+        print(f"\n{name}: matmul {gflops:.0f} GFLOP/s -> floor {floor:.0f} tokens/s")
+        for (dtype, label), values in results.items():
+            if dtype != name or label == "matmul":
+                continue
+            rate = statistics.median(values)
+            count = f"  ({tokens[(name, label)]} tokens)" if (name, label) in tokens else ""
+            print(f"  {label:<32} {rate:7.0f} tokens/s  {rate / floor:6.1%} of the floor{count}")
+    fp32_rate, bf16_rate = (statistics.median(results[(n, "generate")]) for n in models)
+    print(f"\ngenerate, bfloat16 / float32: {bf16_rate / fp32_rate:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
