@@ -112,7 +112,8 @@ def main() -> None:
 
     tokenizer = load_tokenizer(BUILTIN_MODEL)
     env = make_env("arithmetic")
-    prompts = [prompt_ids(tokenizer, env, s) for s in list(env.train_set())[: args.prompts] for _ in range(args.samples)]
+    problems = list(env.train_set())[: args.prompts]
+    prompts = [prompt_ids(tokenizer, env, s) for s in problems for _ in range(args.samples)]
     fp32 = load_policy(BUILTIN_MODEL, device=torch.device("cpu")).eval()
     models = {"float32": fp32, "bfloat16": copy.deepcopy(fp32).to(torch.bfloat16)}
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}

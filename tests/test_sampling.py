@@ -170,7 +170,8 @@ def test_dropping_finished_rows_from_the_batch_changes_no_token(tiny, monkeypatc
     prompts = [_ids(tok, f"Q:say {d}\nA:") for d in range(6)]
     budgets = [1, 9, 2, 9, 3, 9]
     with _steered(model, no_eos):
-        alone = [generate(model, tok, [p], max_new_tokens=b, temperature=0.0).tokens[0] for p, b in zip(prompts, budgets)]
+        alone = [generate(model, tok, [p], max_new_tokens=b, temperature=0.0).tokens[0]
+                 for p, b in zip(prompts, budgets)]
         monkeypatch.setattr(sampling, "DROP_FINISHED", drop)
         together = generate(model, tok, prompts, max_new_tokens=budgets, temperature=0.0)
     assert together.tokens == alone
@@ -200,7 +201,7 @@ def test_the_preallocated_cache_writes_each_step_in_place(tiny):
             torch.testing.assert_close(step, full[[2, 0], t], rtol=0, atol=1e-5)
 
 
-# sparse weights over 600 entries: blocks of 256 (the last one padded), mass on both sides of
+# sparse weights over 600 entries: blocks of 128 (the last one padded), mass on both sides of
 # each block edge, zeros elsewhere; integer weights, total 20 (the draw needs no normalising)
 SPARSE = {0: 1.0, 1: 4.0, 255: 2.0, 256: 3.0, 300: 4.0, 511: 2.0, 512: 2.0, 599: 2.0}
 CHI2_999 = {7: 24.32, 9: 27.88}  # chi-square quantiles at 0.999 by degrees of freedom
@@ -218,7 +219,10 @@ def test_the_draw_follows_the_weights(draw):
     weights[list(SPARSE)] = torch.tensor(list(SPARSE.values()))
     batch = weights.expand(20_000, 600)
     gen = torch.Generator().manual_seed(0)
-    ids = sampling._draw(batch, gen) if draw == "inverse_cdf" else torch.multinomial(batch, 1, generator=gen).squeeze(-1)
+    if draw == "inverse_cdf":
+        ids = sampling._draw(batch, gen)
+    else:
+        ids = torch.multinomial(batch, 1, generator=gen).squeeze(-1)
     counts = torch.bincount(ids, minlength=600).double()
     assert counts[weights == 0].sum() == 0  # zero weight: never drawn
     nonzero = weights > 0

@@ -41,13 +41,22 @@ def native_bf16(device: torch.device) -> bool:
     CPU with AMX or AVX512-BF16 (elsewhere bf16 is emulated and slower than float32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and bool(_cpu_bf16_features())
+
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpu_bf16_features() -> set[str]:
+    """Which of amx_bf16 and avx512_bf16 the CPU has: torch's own detection (any OS; it checks AMX
+    by its tile unit, which comes with amx_bf16) and, on Linux, the kernel's flags."""
+    checks = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+    found = {name for name, check in checks.items() if getattr(torch.cpu, check, lambda: False)()}
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+        found |= set(CPUINFO.read_text().split()) & set(checks)
+    except OSError:  # not Linux
+        pass
+    return found
 
 
 def builtin_model_path() -> Path:

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 from wapo.envs.base import Environment, Sample
 from wapo.models import cache_argument
-from wapo.taxonomy import TokenStats, _chunk_sums, _fields_from_sums
+from wapo.taxonomy import TokenStats, _fields_from_sums, _log_softmax_, _moments_
 
 DROP_FINISHED = 1 / 8
 """Finished rows leave the batch once they make up this fraction of it (a removal copies the cache)."""
 
-SAMPLING_BLOCK = 256
+SAMPLING_BLOCK = 128
 """Vocabulary entries per block of the inverse-CDF draw (`_draw`)."""
 
 
@@ -121,8 +121,9 @@ def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_stri
     cache_arg = cache_argument(model)
     logits, cache, attention, positions = _prefill(model, [prompts[i] for i in rows], tokenizer.pad_token_id,
                                                    capacity=tokens.shape[1])
+    scratch = torch.empty((2, *logits.shape), device=device)  # the sampler's (rows, V) buffers, reused
     for t in range(tokens.shape[1]):
-        ids, step_sums = _sample(logits.float(), temperature, top_p, generator)
+        ids, step_sums = _sample(logits, temperature, top_p, generator, scratch[:, : len(logits)])
         ids_here = ids.cpu()
         tokens[rows[live], t] = ids_here[live]
         sums[:, rows[live], t] = torch.stack(step_sums).cpu()[:, live]
@@ -185,26 +186,31 @@ def _new_cache(model, capacity: int):
     return preallocated_cache(config, capacity)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, tuple]:
-    """Token ids (n,) drawn from float32 `logits` (n, V), and each one's (log p_s, H, C, Σ p² log p).
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator,
+            scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+    """Token ids (n,) drawn from `logits` (n, V), and each one's (log p_s, H, C, Σ p² log p).
 
-    The four sums (`wapo.taxonomy._chunk_sums`) are of the untruncated distribution at the
-    temperature, whatever `top_p` keeps. Temperature 0 is greedy: the argmax, with the sums of
-    a point mass on it (0, 0, 1, 0).
+    The four are of the untruncated distribution at the temperature, whatever `top_p` keeps,
+    computed in float32 as the trainer computes them (`wapo.taxonomy`). Temperature 0 is
+    greedy: the argmax, with the numbers of a point mass on it (0, 0, 1, 0). `scratch`: an
+    optional (2, n, V) float32 buffer reused across calls, so that no step allocates (and page
+    faults) vocabulary-sized tensors.
     """
     if temperature == 0:
-        zeros = logits.new_zeros(logits.shape[0])
+        zeros = logits.new_zeros(logits.shape[0], dtype=torch.float32)
         return logits.argmax(-1), (zeros, zeros, torch.ones_like(zeros), zeros)
-    z = logits / temperature
-    lse, entropy, collision, p2logp = _chunk_sums(z)
-    logp_all = z.sub_(lse.unsqueeze(-1))
-    probs = logp_all.exp()
+    if scratch is None:
+        scratch = torch.empty((2, *logits.shape), device=logits.device)
+    logp_all = scratch[0].copy_(logits).div_(temperature)
+    _, probs = _log_softmax_(logp_all, out=scratch[1])
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill_(outside, 0))
-    ids = _draw(probs, generator)
-    return ids, (logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1), entropy, collision, p2logp)
+        ids = _draw(torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill_(outside, 0)), generator)
+    else:
+        ids = _draw(probs, generator)
+    logp = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return ids, (logp, *_moments_(logp_all, probs))
 
 
 def _draw(weights: torch.Tensor, generator) -> torch.Tensor:
@@ -214,21 +220,22 @@ def _draw(weights: torch.Tensor, generator) -> torch.Tensor:
     running sum. It is found in two levels, first the block of `SAMPLING_BLOCK` entries, then
     the entry inside it, so the float64 running sums cover V / B block totals and B entries, not
     V. `torch.multinomial(weights, 1)` draws the same distribution with V exponentials per row
-    (~20x slower for a 49k vocabulary). A zero weight is never drawn, up to float64 rounding at a
-    block's edge (probability ~1e-16).
+    (~20x slower for a 49k vocabulary). A zero weight is never drawn, rounding included.
     """
     n, vocab = weights.shape
     pad = -vocab % SAMPLING_BLOCK
-    blocks = F.pad(weights, (0, pad)) if pad else weights
-    blocks = blocks.view(n, -1, SAMPLING_BLOCK)
-    totals = blocks.sum(-1, dtype=torch.float64)
+    blocks = (F.pad(weights, (0, pad)) if pad else weights).view(n, -1, SAMPLING_BLOCK)
+    totals = blocks.sum(-1).double()
     ends = totals.cumsum(-1)  # (n, blocks): F at each block's end
     u = torch.rand(n, 1, dtype=torch.float64, device=weights.device, generator=generator) * ends[:, -1:]
-    block = torch.searchsorted(ends, u, right=True).clamp_(max=ends.shape[1] - 1)
-    start = ends.gather(-1, block) - totals.gather(-1, block)
-    inside = blocks[torch.arange(n, device=weights.device), block.squeeze(-1)].cumsum(-1, dtype=torch.float64)
-    entry = torch.searchsorted(inside, u - start, right=True).clamp_(max=SAMPLING_BLOCK - 1)
-    return (block * SAMPLING_BLOCK + entry).squeeze(-1).clamp_(max=vocab - 1)
+    # the first block ending past u; where rounding puts u at the total, the last block with weight
+    last_block = torch.searchsorted(ends, ends[:, -1:].contiguous())
+    block = torch.minimum(torch.searchsorted(ends, u, right=True), last_block)
+    before = ends.gather(-1, (block - 1).clamp(min=0)).masked_fill_(block == 0, 0)  # F before the block, <= u
+    inside = blocks[torch.arange(n, device=weights.device), block.squeeze(-1)].double().cumsum(-1)
+    last_entry = torch.searchsorted(inside, inside[:, -1:].contiguous())  # the last entry with weight
+    entry = torch.minimum(torch.searchsorted(inside, u - before, right=True), last_entry)
+    return (block * SAMPLING_BLOCK + entry).squeeze(-1)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -248,7 +255,8 @@ def _ends_with_stop(tokenizer, ids: list[int], stop_strings: tuple[str, ...]) ->
 def _concat_stats(first: TokenStats | None, then: TokenStats) -> TokenStats:
     if first is None:
         return then
-    return TokenStats(*(torch.cat([getattr(first, f.name), getattr(then, f.name)]) for f in dataclasses.fields(TokenStats)))
+    return TokenStats(*(torch.cat([getattr(first, f.name), getattr(then, f.name)])
+                        for f in dataclasses.fields(TokenStats)))
 
 
 def _zero_stats(n: int) -> TokenStats:

@@ -84,15 +84,32 @@ def _fields_from_sums(logp: Tensor, entropy: Tensor, collision: Tensor, p2logp: 
     )
 
 
-def _chunk_sums(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(LSE(z), H, C, Σ p² log p) of float32 logits (n, V), without keeping p afterwards."""
-    lse = torch.logsumexp(logits, -1)
-    logp_all = logits - lse.unsqueeze(-1)
-    p = logp_all.exp()
-    entropy = -(p * logp_all).sum(-1)
-    collision = torch.exp(torch.logsumexp(2 * logits, -1) - 2 * lse)
-    p2logp = (p * p * logp_all).sum(-1)
-    return lse, entropy, collision, p2logp
+def _log_softmax_(logits: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """LSE(z) (n,) and p = softmax(z) (n, V) of logits (n, V), overwriting `logits` with log p.
+
+    p is written into `out` (n, V) when given (a buffer reused across calls). One (n, V) buffer
+    besides the logits, and `_moments_` then needs none: for a chunk of 1,024 positions × 150k
+    vocabulary each such buffer is 600 MB, and a fresh one costs its page faults too.
+    """
+    top = logits.amax(-1, keepdim=True)
+    p = torch.sub(logits, top, out=out).exp_()
+    total = p.sum(-1, keepdim=True)
+    p.div_(total)
+    lse = top + total.log()
+    logits.sub_(lse)
+    return lse.squeeze(-1), p
+
+
+def _moments_(logp: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(H, C, Σ p² log p) per row of log p and p (n, V), overwriting both (scratch afterwards).
+
+    H = −Σ p log p, C = Σ p² (= exp(LSE(2z) − 2·LSE(z))), Σ p² log p = Σ p·(p log p).
+    """
+    plogp = logp.mul_(p)
+    entropy = -plogp.sum(-1)
+    p2logp = plogp.mul_(p).sum(-1)
+    collision = p.square_().sum(-1)
+    return entropy, collision, p2logp
 
 
 def token_stats(logits: Tensor, tokens: Tensor) -> TokenStats:
@@ -104,7 +121,9 @@ def token_stats(logits: Tensor, tokens: Tensor) -> TokenStats:
     z = logits if logits.dtype == torch.float64 else logits.float()
     logp = torch.log_softmax(z, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
-        _, entropy, collision, p2logp = _chunk_sums(z.detach())
+        logp_all = z.detach().clone()
+        _, p = _log_softmax_(logp_all)
+        entropy, collision, p2logp = _moments_(logp_all, p)
     return _fields_from_sums(logp, entropy, collision, p2logp)
 
 
@@ -180,10 +199,10 @@ class _ChunkedLogProb(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 sl = slice(start, start + chunk_size)
                 logits = _chunk_logits(hidden[sl], weight, bias, scale, softcap, temperature)
-                lse, entropy[sl], collision[sl], p2logp[sl] = _chunk_sums(logits)
-                lse_all[sl] = lse
-                logp[sl] = logits.gather(-1, tokens[sl].unsqueeze(-1)).squeeze(-1) - lse
-                del logits
+                lse_all[sl], p = _log_softmax_(logits)  # logits now hold log p
+                logp[sl] = logits.gather(-1, tokens[sl].unsqueeze(-1)).squeeze(-1)
+                entropy[sl], collision[sl], p2logp[sl] = _moments_(logits, p)
+                del logits, p
         ctx.save_for_backward(hidden, weight, bias, tokens, lse_all)
         ctx.head = (scale, softcap, temperature)
         ctx.chunk_size = chunk_size
