@@ -14,10 +14,13 @@ One process prints, for float32 and bfloat16 (a bf16 copy of the built-in model)
   generate  `wapo.sampling.generate` on the default step: the default arithmetic environment's
             first 8 training prompts x 8 samples = 64 rows, <= 48 new tokens, temperature 1;
             tokens/s counts the sampled tokens (rows stop at EOS)
-each as tokens/s and as a fraction of the floor. Times are medians of --repeats runs, the
-variants interleaved within each repeat so that load from other processes hits all alike.
+each as tokens/s and as a fraction of the floor (the floor of the best matmul rate over the
+thread counts tried). Times are medians of --repeats runs, the variants interleaved within each
+repeat so that load from other processes hits all alike.
 
-    python benchmarks/decode_speed.py [--repeats 3] [--baseline 7c5d278]
+    python benchmarks/decode_speed.py [--repeats 3] [--threads 1,2] [--baseline 7c5d278]
+
+--threads runs everything at each of these torch thread counts (default: torch's own).
 
 --baseline REV also times `generate` as it is at git revision REV (7c5d278: before the speed
 work), loaded from git into a module of its own. Its tokens differ (it draws with
@@ -104,6 +107,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--threads", default="", help="comma-separated torch thread counts (default: torch's own)")
     ap.add_argument("--baseline", default="", help="git revision whose generate is timed too (e.g. 7c5d278)")
     args = ap.parse_args()
     if args.repeats < 3:
@@ -122,39 +126,48 @@ def main() -> None:
         samplers[f"generate at {args.baseline}"] = baseline_generate(args.baseline)
     rows, context = len(prompts), max(map(len, prompts)) + args.max_new_tokens // 2
 
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     load_before = os.getloadavg()
-    results: dict[tuple[str, str], list[float]] = {}
-    tokens: dict[tuple[str, str], int] = {}
+    results: dict[tuple[int, str, str], list[float]] = {}
+    tokens: dict[tuple[int, str, str], int] = {}
     for _ in range(args.repeats):
-        for name, model in models.items():
-            results.setdefault((name, "matmul"), []).append(matmul_gflops(dtypes[name]))
-            for preallocated, label in ((False, "step, transformers' cache"), (True, "step, preallocated cache")):
-                results.setdefault((name, label), []).append(rows / step_seconds(model, rows, context, preallocated))
-            for label, fn in samplers.items():
-                seconds, count = sampler_run(fn, model, tokenizer, prompts, args.max_new_tokens)
-                results.setdefault((name, label), []).append(count / seconds)
-                tokens[(name, label)] = count
+        for count in threads:
+            torch.set_num_threads(count)
+            for name, model in models.items():
+                results.setdefault((count, name, "matmul"), []).append(matmul_gflops(dtypes[name]))
+                for preallocated, label in ((False, "step, transformers' cache"), (True, "step, preallocated cache")):
+                    rate = rows / step_seconds(model, rows, context, preallocated)
+                    results.setdefault((count, name, label), []).append(rate)
+                for label, fn in samplers.items():
+                    seconds, tokens[(count, name, label)] = sampler_run(fn, model, tokenizer, prompts,
+                                                                        args.max_new_tokens)
+                    results.setdefault((count, name, label), []).append(tokens[(count, name, label)] / seconds)
     load_after = os.getloadavg()
 
     flops_per_token = 2 * matmul_parameters(fp32)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average {load_before[0]:.1f} "
-          f"before, {load_after[0]:.1f} after; medians of {args.repeats}")
+    print(f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
+          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after ({os.cpu_count()} CPUs); "
+          f"medians of {args.repeats}")
     print(f"model: {matmul_parameters(fp32) / 1e6:.1f}M parameters in matmuls "
           f"(of {sum(p.numel() for p in fp32.parameters()) / 1e6:.1f}M), {flops_per_token / 1e6:.0f} MFLOP per token; "
           f"{rows} rows, <= {args.max_new_tokens} new tokens")
+    floors = {}  # the machine's: the best matmul rate over the thread counts tried
     for name in models:
-        gflops = statistics.median(results[(name, "matmul")])
-        floor = gflops * 1e9 / flops_per_token
-        print(f"\n{name}: matmul {gflops:.0f} GFLOP/s -> floor {floor:.0f} tokens/s")
-        for (dtype, label), values in results.items():
-            if dtype != name or label == "matmul":
-                continue
-            rate = statistics.median(values)
-            count = f"  ({tokens[(name, label)]} tokens)" if (name, label) in tokens else ""
-            print(f"  {label:<32} {rate:7.0f} tokens/s  {rate / floor:6.1%} of the floor{count}")
-    fp32_rate, bf16_rate = (statistics.median(results[(n, "generate")]) for n in models)
-    print(f"\ngenerate, bfloat16 / float32: {bf16_rate / fp32_rate:.2f}x")
+        rates = {count: statistics.median(results[(count, name, "matmul")]) for count in threads}
+        floors[name] = max(rates.values()) * 1e9 / flops_per_token
+        print(f"\n{name}: matmul " + ", ".join(f"{rate:.0f} GFLOP/s ({count} threads)" for count, rate in rates.items())
+              + f" -> floor {floors[name]:.0f} tokens/s")
+    for count in threads:
+        for name in models:
+            print(f"\n{count} thread(s), {name}")
+            for (n_threads, dtype, label), values in results.items():
+                if (n_threads, dtype) != (count, name) or label == "matmul":
+                    continue
+                rate = statistics.median(values)
+                count_note = f"  ({tokens[(count, name, label)]} tokens)" if (count, name, label) in tokens else ""
+                print(f"  {label:<32} {rate:7.0f} tokens/s  {rate / floors[name]:6.1%} of the floor{count_note}")
+        fp32_rate, bf16_rate = (statistics.median(results[(count, n, "generate")]) for n in models)
+        print(f"{count} thread(s): generate, bfloat16 / float32: {bf16_rate / fp32_rate:.2f}x")
 
 
 if __name__ == "__main__":

@@ -183,22 +183,32 @@ def test_the_preallocated_cache_writes_each_step_in_place(tiny):
     from wapo.kv_cache import preallocated_cache
 
     model, _ = tiny
-    ids = torch.randint(2, 40, (3, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, 40, (4, 10), generator=torch.Generator().manual_seed(0))
     cache_arg = cache_argument(model)
+
+    def step(rows, t):  # one token for `rows`, checked against the logits of a pass without cache
+        logits = model(input_ids=ids[rows, t:t + 1], use_cache=True, **{cache_arg: cache}).logits[:, -1]
+        torch.testing.assert_close(logits, full[rows, t], rtol=0, atol=1e-5)
+
+    def buffers():
+        return [layer.keys.data_ptr() for layer in cache.layers]
+
     with torch.no_grad():
-        full = model(input_ids=ids).logits  # no cache at all
-        cache = preallocated_cache(model.config, capacity=9)
+        full = model(input_ids=ids).logits
+        cache = preallocated_cache(model.config, capacity=10)
         model(input_ids=ids[:, :5], use_cache=True, **{cache_arg: cache})
-        buffers = [layer.keys.data_ptr() for layer in cache.layers]
-        for t in range(5, 7):
-            step = model(input_ids=ids[:, t:t + 1], use_cache=True, **{cache_arg: cache}).logits[:, -1]
-            torch.testing.assert_close(step, full[:, t], rtol=0, atol=1e-5)
-        assert [layer.keys.data_ptr() for layer in cache.layers] == buffers  # written in place, not copied
-        assert [layer.keys.shape[2] for layer in cache.layers] == [7, 7]
-        cache.batch_select_indices(torch.tensor([2, 0]))  # rows leave the batch: a copy, then in place again
-        for t in range(7, 9):
-            step = model(input_ids=ids[[2, 0], t:t + 1], use_cache=True, **{cache_arg: cache}).logits[:, -1]
-            torch.testing.assert_close(step, full[[2, 0], t], rtol=0, atol=1e-5)
+        first = buffers()
+        step([0, 1, 2, 3], 5)
+        step([0, 1, 2, 3], 6)
+        assert buffers() == first and [layer.keys.shape[2] for layer in cache.layers] == [7, 7]  # no copy
+        # row 0 finished: row 3 moves into its slot, in place (the only row copied)
+        cache.batch_select_indices(torch.tensor([3, 1, 2]))
+        step([3, 1, 2], 7)
+        assert buffers() == first
+        # slot 0 <- slot 1 and slot 1 <- slot 0 would overwrite a row before reading it: a new buffer
+        cache.batch_select_indices(torch.tensor([1, 0]))
+        step([1, 3], 8)
+        assert buffers() != first
 
 
 # sparse weights over 600 entries: blocks of 128 (the last one padded), mass on both sides of

@@ -19,9 +19,9 @@ class PreallocatedLayer(DynamicLayer):
     """A full-attention layer cache whose `keys`/`values` are views of a preallocated buffer.
 
     Buffers are (batch, kv_heads, capacity, head_dim). Anything `DynamicLayer` does that replaces
-    `keys` by a new tensor (`batch_select_indices`, `batch_repeat_interleave`) is followed, at the
-    next `update`, by a new buffer holding a copy of it; `crop` keeps views of the same buffer,
-    so the next `update` overwrites the cropped positions.
+    `keys` by a new tensor (`batch_repeat_interleave`, a `batch_select_indices` that cannot run
+    in place) is followed, at the next `update`, by a new buffer holding a copy of it; `crop`
+    keeps views of the same buffer, so the next `update` overwrites the cropped positions.
     """
 
     def __init__(self, capacity: int):
@@ -42,6 +42,25 @@ class PreallocatedLayer(DynamicLayer):
         values[:, :, past:end] = value_states
         self.keys, self.values = keys[:, :, :end], values[:, :, :end]
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` of the batch; in place when each row is read before it is overwritten.
+
+        Copying row indices[j] into row j in order of j is safe when indices[j] >= j for all j
+        (sorted indices, or finished rows' slots filled from the end of the batch): then only the
+        rows that move are copied, and no buffer is allocated.
+        """
+        order = indices.tolist()
+        batch, end = self.keys.shape[0], self.keys.shape[2]
+        if not self._holds_views(batch, end) or len(order) > batch or any(src < dst for dst, src in enumerate(order)):
+            return super().batch_select_indices(indices)
+        keys, values = self._buffers
+        for dst, src in enumerate(order):
+            if src != dst:
+                keys[dst, :, :end] = keys[src, :, :end]
+                values[dst, :, :end] = values[src, :, :end]
+        self._buffers = keys[: len(order)], values[: len(order)]
+        self.keys, self.values = self._buffers[0][:, :, :end], self._buffers[1][:, :, :end]
 
     def _holds_views(self, batch: int, end: int) -> bool:
         """True when `keys`/`values` are still views of the buffers and `end` positions fit."""

@@ -111,7 +111,9 @@ def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_stri
     """`generate`'s decode loop: fills row i's `tokens[i]`, `sums[:, i]` (n, steps), `lengths[i]`, `stopped[i]`.
 
     All rows advance together, so step t writes column t. A finished row stays in the batch
-    (its samples ignored) until `DROP_FINISHED` of the batch has finished.
+    (its samples ignored) until `DROP_FINISHED` of the batch has finished; then the rows past
+    the live count move into the finished rows' slots (`_fill_from_the_end`), so the cache
+    copies only them.
     """
     device = next(model.parameters()).device
     rows = torch.as_tensor([i for i, b in enumerate(budgets) if b > 0], dtype=torch.long)  # original index of each row
@@ -138,7 +140,7 @@ def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_stri
         if not live.any():
             return
         if (~live).sum() >= max(1.0, DROP_FINISHED * len(live)):  # drop finished rows from the batch and cache
-            keep = live.nonzero().flatten()
+            keep = _fill_from_the_end(live)
             cache.batch_select_indices(keep.to(device))
             rows, budget, live = rows[keep], budget[keep], live[keep]
             ids, attention, positions = (x[keep.to(device)] for x in (ids, attention, positions))
@@ -147,6 +149,17 @@ def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_stri
         out = model(input_ids=ids.unsqueeze(-1), attention_mask=attention, position_ids=positions,
                     use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         cache, logits = getattr(out, cache_arg), out.logits[:, -1]
+
+
+def _fill_from_the_end(live: torch.Tensor) -> torch.Tensor:
+    """Indices of the `live` rows for `batch_select_indices`: the first k = live.sum() slots stay,
+    and those of finished rows among them are refilled from the live rows past k, so the fewest
+    rows move. [live, dead, live, dead, live, live] -> [0, 4, 2, 5].
+    """
+    k = int(live.sum())
+    keep = torch.arange(k)
+    keep[~live[:k]] = live[k:].nonzero().flatten() + k
+    return keep
 
 
 def _prefill(model, prompts: list[list[int]], pad: int, *, capacity: int):
