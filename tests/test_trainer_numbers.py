@@ -299,3 +299,24 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(tiny_model_dir, tmp_p
     monkeypatch.setattr(trainer_module, "native_bf16", lambda device: False)  # other hardware
     resumed = build_trainer(cfg.from_dict({"run": {"steps": 2}}, config), resume=first.run_dir)
     assert resumed.precision == first.precision == Precision(True, True, "trainer")
+
+
+def test_the_skipped_rows_taxonomy_from_sampling_equals_a_trainer_pass(tiny_model_dir, tmp_path, monkeypatch):
+    # WAPO leaves its losers out of the backward pass; their taxonomy now comes from the sampler
+    # (no extra pass). On a float32 sampler it must equal the no-grad trainer pass it replaced.
+    from wapo.batch import RolloutBatch
+
+    rows = {}
+    for source in ("sampler", "trainer pass"):
+        if source == "trainer pass":
+            monkeypatch.setattr(RolloutBatch, "recorded_stats", lambda self, rows: None)
+        trainer = build_trainer(_config(tiny_model_dir, tmp_path / source.replace(" ", "-"), run={"seed": 3}))
+        trainer.fit()
+        rows[source] = _rows(trainer)[0]
+    a, b = rows["sampler"], rows["trainer pass"]
+    assert a["skipped_rows"] > 0 and a["neg_peak_count"] + a["neg_valley_count"] > 0  # losers were binned
+    for key, value in b.items():
+        if key.endswith(("_count",)):
+            assert a[key] == value, key
+        elif key.endswith(("_frac", "_pred_dentropy")) or key == "entropy":
+            assert a[key] == (None if value is None else pytest.approx(value, rel=1e-4, abs=1e-6)), key

@@ -9,6 +9,7 @@ with any logit scaling or soft-capping): no (tokens × vocabulary) logits are ev
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ class RolloutBatch:
     old_logprobs: Tensor  # (B, T) behaviour log-probabilities
     advantages: Tensor  # (B,)
     lengths: list[int]  # completion length of each row (model + environment tokens)
+    sampler_stats: TokenStats | None = None  # (B, T) fields: the taxonomy recorded while sampling
 
     @classmethod
     def from_episodes(cls, episodes: list[Episode], advantages: Tensor) -> RolloutBatch:
@@ -37,13 +39,25 @@ class RolloutBatch:
         ids = torch.zeros(n, width, dtype=torch.long)
         mask = torch.zeros(n, width, dtype=torch.bool)
         old = torch.zeros(n, width)
+        recorded = bool(episodes) and all(e.behaviour_stats is not None for e in episodes)
+        stats = {f.name: torch.zeros(n, width, dtype=torch.bool if f.name == "is_peak" else torch.float32)
+                 for f in dataclasses.fields(TokenStats)} if recorded else None
         for i, e in enumerate(episodes):
             k = len(e.completion_ids)
             ids[i, :k] = torch.as_tensor(e.completion_ids, dtype=torch.long)
             mask[i, :k] = torch.as_tensor(e.completion_mask, dtype=torch.bool)
             old[i, :k] = torch.as_tensor(e.behaviour_logprobs, dtype=torch.float32)
+            for name, values in (stats or {}).items():
+                values[i, :k] = getattr(e.behaviour_stats, name)
         return cls([e.prompt_ids for e in episodes], ids, mask, old, advantages.float(),
-                   [len(e.completion_ids) for e in episodes])
+                   [len(e.completion_ids) for e in episodes], TokenStats(**stats) if recorded else None)
+
+    def recorded_stats(self, rows: list[int]) -> TokenStats | None:
+        """The sampler's taxonomy of `rows` ((len(rows), T) fields), or None when it was not recorded."""
+        if self.sampler_stats is None:
+            return None
+        return TokenStats(**{f.name: getattr(self.sampler_stats, f.name)[rows]
+                             for f in dataclasses.fields(TokenStats)})
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

@@ -258,6 +258,7 @@ class Trainer:
             batch, self.update_settings, optimizer=self.optimizer,
             params=[p for p in self.model.parameters() if p.requires_grad],
             token_stats=partial(self.token_stats, batch), reference_logp=partial(self.reference_logp, batch),
+            sampler_stats=batch.recorded_stats,
             before_optimizer_step=self.interrupts.hold, after_optimizer_step=self._sync_sampler,
         )
 
