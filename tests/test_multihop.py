@@ -388,7 +388,8 @@ def test_rollout_searches_all_rows_of_a_turn_in_one_request(tiny_model_dir, monk
         texts = turns[len(calls)]
         calls.append(len(prompts))
         tokens = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        return Generation(tokens=tokens, logprobs=[[-1.0] * len(t) for t in tokens], stopped=[True] * len(texts))
+        return Generation(tokens=tokens, stopped=[True] * len(texts),
+                          stats=[sampling._blank_stats(len(t)) for t in tokens])
 
     monkeypatch.setattr(sampling, "generate", scripted)
     episodes = rollout(model, tok, env, env.train_set()[:2], samples_per_prompt=2, max_new_tokens=200,

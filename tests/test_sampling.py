@@ -197,8 +197,8 @@ def test_the_preallocated_cache_writes_each_step_in_place(tiny):
         full = model(input_ids=ids).logits
         cache = preallocated_cache(model.config, capacity=10)
         model(input_ids=ids[:, :5], use_cache=True, **{cache_arg: cache})
+        step([0, 1, 2, 3], 5)  # the prompt's keys and values move into buffers with room for 10
         first = buffers()
-        step([0, 1, 2, 3], 5)
         step([0, 1, 2, 3], 6)
         assert buffers() == first and [layer.keys.shape[2] for layer in cache.layers] == [7, 7]  # no copy
         # row 0 finished: row 3 moves into its slot, in place (the only row copied)

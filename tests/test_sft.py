@@ -80,7 +80,8 @@ def test_demonstrations_are_the_episodes_a_rollout_of_their_tokens_produces(tiny
         texts = [turns[s["id"]][len(calls)] for s in active]
         calls.append(len(prompts))
         tokens = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        return Generation(tokens=tokens, logprobs=[[-1.0] * len(t) for t in tokens], stopped=[True] * len(tokens))
+        return Generation(tokens=tokens, stopped=[True] * len(tokens),
+                          stats=[sampling._blank_stats(len(t)) for t in tokens])
 
     monkeypatch.setattr(sampling, "generate", scripted)
     model = load_policy(tiny_model_dir, device="cpu")

@@ -30,9 +30,9 @@ class PreallocatedLayer(DynamicLayer):
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         past = self.get_seq_length()
+        if past == 0:  # the prompt: `DynamicLayer` sets itself up (as each transformers version does)
+            return super().update(key_states, value_states, *args, **kwargs)
         end = past + key_states.shape[-2]
         if not self._holds_views(key_states.shape[0], end):
             self._buffers = tuple(self._buffer_with(old, new, past, end) for old, new in

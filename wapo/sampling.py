@@ -8,10 +8,14 @@ at the sampling temperature and of the untruncated distribution (as TRL and verl
 log-probabilities), never a vocabulary-sized tensor per token.
 
 What makes it fast on a CPU (measured by benchmarks/decode_speed.py):
+- each distinct prompt is run once (`_prefill`): the G samples of a problem share its cache;
 - full-attention cache layers write each step's keys and values into a preallocated buffer
-  (`_PreallocatedLayer`) instead of concatenating, which copies the whole cache every step;
-- finished rows leave the batch once an eighth of it has finished (`DROP_FINISHED`), not one
-  by one: each removal copies the cache of the rows that stay;
+  (`wapo.kv_cache`) instead of concatenating, which copies the whole cache every step;
+- finished rows leave the batch once an eighth of it has finished (`DROP_FINISHED`), the
+  rows past the live count moving into their slots, so the cache copies only those rows;
+- the vocabulary-sized work of a step (log-softmax, the taxonomy's sums, the draw) runs in
+  place in two reused buffers: fresh (rows × V) tensors each step cost more in page faults
+  than in arithmetic;
 - tokens are drawn by inverse CDF with one uniform per row (`_draw`); `torch.multinomial`
   draws one exponential per vocabulary entry, ~20x slower here.
 
@@ -191,12 +195,9 @@ def _prefill(model, prompts: list[list[int]], pad: int, *, capacity: int):
 
 def _new_cache(model, capacity: int):
     """A cache that writes decode steps in place (`wapo.kv_cache`), or None: the model builds its own."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
     from wapo.kv_cache import preallocated_cache  # imports transformers
 
-    return preallocated_cache(config, capacity)
+    return preallocated_cache(model.config, capacity)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator,
@@ -272,8 +273,8 @@ def _concat_stats(first: TokenStats | None, then: TokenStats) -> TokenStats:
                         for f in dataclasses.fields(TokenStats)))
 
 
-def _zero_stats(n: int) -> TokenStats:
-    """The taxonomy recorded for `n` environment tokens: zeros, not peaks."""
+def _blank_stats(n: int) -> TokenStats:
+    """What is recorded for `n` tokens the policy did not sample (environment replies): zeros, no peak."""
     zeros = torch.zeros(n)
     return TokenStats(zeros, zeros, zeros, torch.zeros(n, dtype=torch.bool), zeros, zeros)
 
@@ -345,7 +346,7 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             ep.completion_ids += obs
             ep.completion_mask += [False] * len(obs)
             ep.behaviour_logprobs += [0.0] * len(obs)
-            ep.behaviour_stats = _concat_stats(ep.behaviour_stats, _zero_stats(len(obs)))
+            ep.behaviour_stats = _concat_stats(ep.behaviour_stats, _blank_stats(len(obs)))
             ep.finished = False  # the model still has to answer
             still_active.append(i)
         active = still_active
