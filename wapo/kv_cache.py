@@ -9,8 +9,6 @@ generation and hands the attention views of its filled part. Imported only when 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -50,9 +48,10 @@ class PreallocatedLayer(DynamicLayer):
         (sorted indices, or finished rows' slots filled from the end of the batch): then only the
         rows that move are copied, and no buffer is allocated.
         """
-        order = indices.tolist()
-        batch, end = self.keys.shape[0], self.keys.shape[2]
-        if not self._holds_views(batch, end) or len(order) > batch or any(src < dst for dst, src in enumerate(order)):
+        order, end = indices.tolist(), self.get_seq_length()
+        in_place = (end > 0 and len(order) <= len(self.keys) and self._holds_views(len(self.keys), end)
+                    and all(src >= dst for dst, src in enumerate(order)))
+        if not in_place:
             return super().batch_select_indices(indices)
         keys, values = self._buffers
         for dst, src in enumerate(order):
@@ -78,18 +77,12 @@ class PreallocatedLayer(DynamicLayer):
         return buffer
 
 
-def preallocated_cache(config, capacity: int) -> DynamicCache | None:
+def preallocated_cache(config, capacity: int) -> DynamicCache:
     """A `DynamicCache` for `config` whose full-attention layers are `PreallocatedLayer`s.
 
     capacity: positions each layer holds without reallocating (prompt width + new tokens).
     Other layer kinds (sliding windows, linear attention) stay as transformers builds them.
-    None when this transformers version does not build per-layer caches (the model then makes
-    its own cache).
     """
     cache = DynamicCache(config=config)
-    if not hasattr(cache, "layers"):
-        return None
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:  # layers made on first use
-        cache.layer_class_to_replicate = functools.partial(PreallocatedLayer, capacity)
     return cache

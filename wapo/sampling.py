@@ -194,7 +194,7 @@ def _prefill(model, prompts: list[list[int]], pad: int, *, capacity: int):
 
 
 def _new_cache(model, capacity: int):
-    """A cache that writes decode steps in place (`wapo.kv_cache`), or None: the model builds its own."""
+    """A cache that writes decode steps in place (`wapo.kv_cache`)."""
     from wapo.kv_cache import preallocated_cache  # imports transformers
 
     return preallocated_cache(model.config, capacity)
