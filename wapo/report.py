@@ -211,8 +211,8 @@ def write_report(out_dir: str | Path) -> list[Path]:
     """D/report.html, D/summary.csv, D/summary.md from the runs under D/runs."""
     out_dir = Path(out_dir)
     runs = load_runs(out_dir)
-    study_file = out_dir / "study.toml"
-    study = cfg.load_file(study_file) if study_file.is_file() else {}
+    copies = [out_dir / f"study{suffix}" for suffix in (".toml", ".yaml", ".yml")]
+    study = next((cfg.load_file(path) for path in copies if path.is_file()), {})
     study_axes = study.get("axes", {})
     axes = setting_axes(runs, list(study_axes))
     settings = group_settings(runs, axes, study_axes)

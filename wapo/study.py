@@ -84,7 +84,7 @@ class Study:
     keep_checkpoints: bool = False
     description: str = ""
     text: str = ""
-    """The study file as written (copied to D/study.toml)."""
+    """The study file as written (copied to D/study.toml, or .yaml)."""
 
     def cells(self, out_dir: Path, *, jobs: int = 1) -> list[Cell]:
         """Every cell's config, in run order (seed axis outermost); fails on any bad value."""
@@ -279,7 +279,7 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
         print_plan(cells, states, out_dir, jobs)
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "study.toml").write_text(study.text)
+    (out_dir / f"study{Path(study_file).suffix}").write_text(study.text)  # what the report reads the axes from
     todo = [c for c in cells if states[c.name] not in DONE]
     print(f"Study {out_dir}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "
           f"(--jobs {jobs})", flush=True)
