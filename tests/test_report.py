@@ -76,7 +76,8 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert num(wapo, "pass@k_final_mean") == pytest.approx(0.73333 + 0.25, abs=1e-5)
     assert num(wapo, "pass@k_final_std") == pytest.approx(0.15275, abs=1e-5)
     assert (wapo["collapses"], wapo["steps_to_collapse_mean"]) == ("0", "")
-    # grpo: peak 0.6, 0.5, 0.5 -> 0.5333 ± 0.0577; final only from the two runs that have one: 0.6, 0.4 -> 0.5 ± 0.1414
+    # grpo: peak 0.6, 0.5, 0.5 -> 0.5333 ± 0.0577;
+    # final only from the two runs that have one: 0.6, 0.4 -> 0.5 ± 0.1414
     assert num(grpo, "greedy_peak_mean") == pytest.approx(0.53333, abs=1e-5)
     assert num(grpo, "greedy_peak_std") == pytest.approx(0.057735, abs=1e-5)
     assert num(grpo, "greedy_final_mean") == pytest.approx(0.5) and num(grpo, "greedy_final_std") == pytest.approx(

@@ -14,8 +14,15 @@ import pytest
 
 from wapo import config as cfg
 from wapo.runlog import read_metrics
-from wapo.study import (DEFAULT_SECONDS, cell_state, compare, estimate_seconds, load_study, run_cell,
-                        seconds_per_row_token)
+from wapo.study import (
+    DEFAULT_SECONDS,
+    cell_state,
+    compare,
+    estimate_seconds,
+    load_study,
+    run_cell,
+    seconds_per_row_token,
+)
 
 TIMING = ("time_sample", "time_train", "tokens_per_second", "peak_memory_mb")
 

@@ -112,7 +112,8 @@ class CollapseDetector:
         h0 = self.starts.get("entropy")
         flags = {
             "collapse_entropy": h is not None and fell and h <= self.entropy_low * h0,
-            "collapse_explosion": h is not None and (h >= self.entropy_high * h0 or (fell and h >= self.entropy_rise * h0)),
+            "collapse_explosion": h is not None and (h >= self.entropy_high * h0
+                                                     or (fell and h >= self.entropy_rise * h0)),
             "collapse_repetition": rep is not None and rep >= self.repeat_frac
             and rep - self.starts["repeat"] >= self.repeat_rise,
             "collapse_length": trunc is not None and trunc >= self.truncated_frac

@@ -156,7 +156,8 @@ def _logit_step(trainer, batch: RolloutBatch, before: TokenStats, eta: float) ->
     """(B, T) real Δ log p_s and ΔH of the per-position logit step, from the model's full logits."""
     model, temperature = trainer.model, trainer.config.sampling.temperature
     device = next(model.parameters()).device
-    dlogp, dentropy = torch.zeros(batch.mask.shape, dtype=torch.float64), torch.zeros(batch.mask.shape, dtype=torch.float64)
+    dlogp = torch.zeros(batch.mask.shape, dtype=torch.float64)
+    dentropy = torch.zeros_like(dlogp)
     for i in range(len(batch)):
         n = batch.lengths[i]
         ids = torch.as_tensor(batch.prompt_ids[i] + batch.completion_ids[i, :n].tolist(), device=device)

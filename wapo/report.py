@@ -48,6 +48,8 @@ OVERVIEW = ("reward_mean", "eval:greedy_accuracy", "entropy", "completion_len")
 
 @dataclass
 class Run:
+    """One run folder's config, logs, state (`wapo.study.cell_state`) and collapse flags."""
+
     dir: Path
     config: cfg.TrainConfig
     metrics: list[dict]
@@ -67,8 +69,8 @@ class Run:
         if self.collapse_steps:
             return self.collapse_steps[0]
         if self.state == "diverged":
-            bad = [r["step"] for r in self.metrics if r.get("skipped_step") != 1]
-            return (bad[-1] if bad else 0) + 1
+            good = [r["step"] for r in self.metrics if r.get("skipped_step") != 1]
+            return (good[-1] if good else 0) + 1
         return None
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
@@ -96,6 +98,7 @@ def _number(value: Any) -> float:
 
 
 def load_runs(out_dir: Path) -> list[Run]:
+    """Every run under out_dir/runs (a folder with a config.toml), by folder name."""
     runs = []
     for saved in sorted((out_dir / "runs").glob("*/config.toml")):
         config = cfg.from_dict(cfg.load_file(saved))
@@ -183,11 +186,12 @@ def summarize(values: dict, runs: list[Run], out_dir: Path) -> dict[str, Any]:
     row.update(seeds=len(runs), finished=sum(r.state == "finished" for r in runs))
     for name, key in EVALS.items():
         for which in WHEN:
-            row[f"{name}_{which}_mean"], row[f"{name}_{which}_std"] = _mean_std([r.eval_value(key, which) for r in runs])
+            stats = _mean_std([r.eval_value(key, which) for r in runs])
+            row[f"{name}_{which}_mean"], row[f"{name}_{which}_std"] = stats
     collapsed = [r for r in runs if r.first_collapse is not None]
     row["collapses"] = len(collapsed)
     row["collapse_kinds"] = " ".join(sorted(set().union(*(r.collapse_kinds for r in collapsed))))
-    row["steps_to_collapse_mean"], row["steps_to_collapse_std"] = _mean_std([float(r.first_collapse) for r in collapsed])
+    row["steps_to_collapse_mean"], row["steps_to_collapse_std"] = _mean_std([r.first_collapse for r in collapsed])
     per_step = []
     for r in runs:
         times = [_number(m.get("time_sample")) + _number(m.get("time_train")) for m in r.metrics]
@@ -267,7 +271,8 @@ def _html(out_dir: Path, description: str, labels: list[str], settings: list[tup
           rows: list[dict]) -> str:
     header, body = _table(labels, rows)
     esc = html.escape
-    table = ("<table id=\"summary\"><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"
+    table = ('<table id="summary"><thead><tr>' + "".join(f"<th>{esc(h)}</th>" for h in header)
+             + "</tr></thead><tbody>"
              + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in body)
              + "</tbody></table>")
     parts = [f"<h1>Study report: {esc(out_dir.name)}</h1>",
@@ -282,8 +287,8 @@ def _html(out_dir: Path, description: str, labels: list[str], settings: list[tup
     for (values, runs), row in zip(settings, rows):
         title = ", ".join(f"{_label(k, values)}={v}" for k, v in values.items())
         parts += [f"<h2>{esc(title)}</h2>",
-                  f"<p>Runs: {esc(row['runs'])}. One line per seed, black: their mean (band ± one standard deviation); "
-                  "red ×: a step with a collapse flag up.</p>",
+                  f"<p>Runs: {esc(row['runs'])}. One line per seed, black: their mean (band ± one standard "
+                  "deviation); red ×: a step with a collapse flag up.</p>",
                   _img(_setting_figure(title, runs))]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #bbb;padding:3px 6px;text-align:right}td:last-child{text-align:left}"
