@@ -189,6 +189,7 @@ def test_a_two_by_two_study_resumes_when_killed_and_skips_finished_cells_on_reru
     states = [cell_state(c.config, c.dir) for c in cells]
     assert states == ["finished", "partial", "new", "new"]
     assert not (cells[0].dir / "checkpoints").exists()  # a finished cell keeps its logs only
+    (cells[0].dir / "checkpoints" / "step_000002").mkdir(parents=True)  # as a kill before the clean-up leaves it
     # the third cell was killed hard before its first checkpoint: config.toml and a stray log line
     cells[2].dir.mkdir(parents=True)
     (cells[2].dir / "config.toml").write_text(cfg.dump_toml(cells[2].config))

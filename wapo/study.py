@@ -220,9 +220,13 @@ def run_cell(config: cfg.TrainConfig, *, keep_checkpoints: bool = False) -> str:
             print(f"{cell_dir.name}: {exc}", flush=True)
         state = cell_state(config, cell_dir)
     if state in DONE and not keep_checkpoints:
-        for name in ("checkpoints", "hf"):
-            shutil.rmtree(cell_dir / name, ignore_errors=True)
+        _drop_checkpoints(cell_dir)
     return state
+
+
+def _drop_checkpoints(cell_dir: Path) -> None:
+    for name in ("checkpoints", "hf"):
+        shutil.rmtree(cell_dir / name, ignore_errors=True)
 
 
 def config_differences(saved: cfg.TrainConfig, wanted: cfg.TrainConfig) -> list[str]:
@@ -281,6 +285,9 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"study{Path(study_file).suffix}").write_text(study.text)  # what the report reads the axes from
     todo = [c for c in cells if states[c.name] not in DONE]
+    for c in cells:
+        if states[c.name] in DONE and not study.keep_checkpoints:  # a kill between a cell's end and its
+            _drop_checkpoints(c.dir)                                # clean-up left them behind
     print(f"Study {out_dir}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "
           f"(--jobs {jobs})", flush=True)
     with _sigterm_raises_interrupt():
@@ -290,13 +297,10 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
         except KeyboardInterrupt:
             print(f"\nStudy interrupted: run the same command again to continue {out_dir}.", flush=True)
             raise
-    for c in cells:  # a kill between a cell's end and its clean-up leaves checkpoints behind
-        if c.name not in failed and cell_state(c.config, c.dir) in DONE and not study.keep_checkpoints:
-            shutil.rmtree(c.dir / "checkpoints", ignore_errors=True)
-    from wapo.report import write_report
+    if any((out_dir / "runs").glob("*/config.toml")):  # no report of a study whose every cell failed at once
+        from wapo.report import write_report
 
-    paths = write_report(out_dir)
-    print("Report: " + ", ".join(str(p) for p in paths))
+        print("Report: " + ", ".join(str(p) for p in write_report(out_dir)))
     for name, where in failed.items():
         print(f"cell {name} failed: see {where}", file=sys.stderr)
     return 1 if failed else 0
