@@ -102,6 +102,16 @@ loss_options = { eps_low = 0.2 }
     assert parallel.model.threads == max(1, len(os.sched_getaffinity(0)) // 2) and parallel.run.progress is False
 
 
+STUDIES = sorted((Path(__file__).parent.parent / "examples").glob("study_*.toml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_example_studies_are_valid(path, tmp_path, capsys):
+    assert compare(path, tmp_path / "D", dry_run=True) == 0  # every cell's config, names and options checked
+    cells = load_study(path).cells(tmp_path / "D")
+    assert f"{len(cells)} cells, {len(cells)} to run" in capsys.readouterr().out
+
+
 def test_values_that_name_the_same_folder_are_refused(tmp_path):
     study = load_study(_write(tmp_path / "s.toml", '[axes]\n"env.env" = ["rg:a", "rg_a"]\n'))
     with pytest.raises(cfg.ConfigError, match="both get the folder name"):
