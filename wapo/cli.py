@@ -1,4 +1,4 @@
-"""The `wapo` command: train, eval, sft, serve-retriever.
+"""The `wapo` command: train, eval, sft, serve-retriever, export, compare, report, probe.
 
     wapo train                                  # WAPO on 1-digit addition with the built-in model
     wapo train --loss grpo --steps 3 --lr 1e-5 --output-dir runs/x
