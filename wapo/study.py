@@ -61,7 +61,8 @@ IGNORED_WHEN_RESUMING = (("model", "threads"), ("run", "progress"))
 """Settings that may differ between the runs of one cell: they change speed and display, not results."""
 DEFAULT_SECONDS = {"sample": 17.6 / (64 * 48), "train": 21.4 / (64 * 48)}
 """Seconds per sampled row per token of budget (`max_new_tokens`) when no cell has run yet: the
-built-in model on 2 CPU cores (README: 39 s a step of 8 × 8 rows × 48 tokens, 17.6 s sampling)."""
+built-in model in float32 on 2 CPU cores took 17.6 s to sample and 21.4 s to update 8 × 8 rows
+of 48 tokens (docs/study.md)."""
 EXIT_DIVERGED = 3
 
 
