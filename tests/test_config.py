@@ -6,7 +6,8 @@ from wapo import config as cfg
 from wapo.envs import make_env
 from wapo.losses import LOSSES
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.[ty]*ml"))
+EXAMPLES = sorted(p for p in (Path(__file__).parent.parent / "examples").glob("*.[ty]*ml")
+                  if not p.name.startswith("study_"))  # study files: tests/test_study.py
 
 
 def test_dump_and_reload_round_trip(tmp_path):

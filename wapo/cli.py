@@ -1,4 +1,4 @@
-"""The `wapo` command: train, eval, sft, serve-retriever.
+"""The `wapo` command: train, eval, sft, serve-retriever, export, compare, report, probe.
 
     wapo train                                  # WAPO on 1-digit addition with the built-in model
     wapo train --loss grpo --steps 3 --lr 1e-5 --output-dir runs/x
@@ -8,6 +8,9 @@
     wapo sft --output-dir runs/sft              # warm start on demonstrations -> runs/sft/model
     wapo serve-retriever --corpus corpus.jsonl  # BM25 search server (Search-R1 contract)
     wapo export runs/x hf/x                     # the last checkpoint as a Hugging Face model folder
+    wapo compare study.toml --output-dir D      # objectives × seeds × settings, resumable -> D/report.html
+    wapo report D                               # the report and summaries of a study folder
+    wapo probe --loss grpo --json probe.json    # the taxonomy's forecasts against real updates
 """
 
 from __future__ import annotations
@@ -65,6 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     from wapo.export import add_export_parser
 
     add_export_parser(sub)
+
+    compare = sub.add_parser("compare", help="run a study (a base config × axes, e.g. objectives × seeds) in "
+                                             "resumable parts, then report it")
+    compare.add_argument("study", help="study file (TOML or YAML): [base.*], [axes], [study] (docs/study.md)")
+    compare.add_argument("--output-dir", required=True, metavar="D", help="study folder; cells go to D/runs/<cell>")
+    compare.add_argument("--jobs", type=int, default=1, help="cells run at once, each in a subprocess with "
+                                                             "cores // jobs threads (default 1: in this process)")
+    compare.add_argument("--dry-run", action="store_true", help="list the cells, their state and an estimated time")
+    compare.set_defaults(func=_compare)
+
+    report = sub.add_parser("report", help="D/report.html, D/summary.csv and D/summary.md from the runs in D/runs")
+    report.add_argument("output_dir", metavar="D", help="a study folder (`wapo compare --output-dir D`)")
+    report.set_defaults(func=_report)
+
+    probe = sub.add_parser("probe", help="the token taxonomy's forecasts against real updates, per bin")
+    probe.add_argument("--config", help="config file (as for train); flags override it")
+    probe.add_argument("--batches", type=int, default=5, help="sampled batches, each probed from the same weights")
+    probe.add_argument("--logit-eta", type=float, default=0.01, help="η of the step on the logits alone")
+    probe.add_argument("--sgd-lr", type=float, default=0.1, help="learning rate of the SGD update")
+    probe.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    cfg.add_flags(probe)
+    probe.set_defaults(func=_probe)
     return parser
 
 
@@ -125,6 +150,38 @@ def _eval(args: argparse.Namespace) -> int:
                        max_observation_tokens=s.max_observation_tokens)
     print(json.dumps({"model": config.model.model, "checkpoint": str(ckpt) if ckpt else None,
                       "env": config.env.env, **results}, indent=1))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from wapo.study import compare
+
+    return compare(args.study, args.output_dir, jobs=args.jobs, dry_run=args.dry_run)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from wapo.report import write_report
+
+    for path in write_report(args.output_dir):
+        print(path)
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from wapo.probe import format_table, probe
+
+    # float32 sampling and scoring unless asked otherwise: bf16 rounding would blur small changes
+    base = cfg.from_dict({"model": {"bf16": "false", "bf16_sampling": "false"}, "run": {"progress": False}})
+    config = _config_from(args, base)
+    rows = probe(config, batches=args.batches, logit_eta=args.logit_eta, sgd_lr=args.sgd_lr)
+    print(f"model {config.model.model}, env {config.env.env}, loss {config.algorithm.loss}, {args.batches} batches "
+          f"of {config.sampling.prompts_per_step} x {config.sampling.samples_per_prompt}; logit step eta "
+          f"{args.logit_eta}, SGD lr {args.sgd_lr}, AdamW lr {config.optim.lr}")
+    print(format_table(rows))
+    if args.json:
+        settings = {"model": config.model.model, "env": config.env.env, "loss": config.algorithm.loss,
+                    "batches": args.batches, "logit_eta": args.logit_eta, "sgd_lr": args.sgd_lr, "lr": config.optim.lr}
+        Path(args.json).write_text(json.dumps({**settings, "rows": rows}, indent=1) + "\n")
     return 0
 
 

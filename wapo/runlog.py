@@ -187,7 +187,15 @@ def _parse_rows(data: bytes, path: Path) -> tuple[list[bytes], list[dict]]:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of `run_dir/metrics.jsonl` (none if absent); a torn last line is left out."""
-    path = run_dir / "metrics.jsonl"
+    return _read_rows(run_dir / "metrics.jsonl")
+
+
+def read_evals(run_dir: Path) -> list[dict]:
+    """The rows of `run_dir/eval.jsonl` (none if absent); a torn last line is left out."""
+    return _read_rows(run_dir / "eval.jsonl")
+
+
+def _read_rows(path: Path) -> list[dict]:
     return _parse_rows(path.read_bytes(), path)[1] if path.exists() else []
 
 

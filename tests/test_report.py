@@ -1,0 +1,136 @@
+"""`wapo report`: the summary's numbers from hand-written run folders, and the page in a real browser."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from wapo import config as cfg
+from wapo.cli import main
+from wapo.report import load_runs, write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+def _run(out: Path, loss: str, seed: int, rewards: list, entropies: list, evals: list, **extra) -> Path:
+    """A run folder as the trainer leaves it: config.toml, metrics.jsonl (3 steps), eval.jsonl."""
+    d = out / "runs" / f"loss={loss},seed={seed}"
+    d.mkdir(parents=True)
+    config = cfg.from_dict({"algorithm": {"loss": loss}, "run": {
+        "seed": seed, "steps": 3, "eval_size": 4, "eval_samples": 2, "max_bad_steps": 2, "output_dir": str(d)}})
+    (d / "config.toml").write_text(cfg.dump_toml(config))
+    rows = [{"step": t, "reward_mean": r, "entropy": h, "truncated_frac": 0.0, "time_sample": 1.0, "time_train": 2.0,
+             "skipped_step": 0, **{k: v[t - 1] for k, v in extra.items()}}
+            for t, (r, h) in enumerate(zip(rewards, entropies), start=1)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # pass@2 = greedy + 0.25 in every evaluation, so its means are the greedy ones + 0.25 and its stds equal
+    (d / "eval.jsonl").write_text("".join(
+        json.dumps({"step": step, "when": when, "greedy_accuracy": acc, "pass@2": acc + 0.25, "n": 4}) + "\n"
+        for step, when, acc in evals))
+    return d
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    """wapo × 3 seeds that learn; grpo × 3 seeds: one fine, one stopped for non-finite steps, one flagged;
+    its report written once (tests only read it)."""
+    out = tmp_path_factory.mktemp("report") / "D"
+    up, h = [0.3, 0.5, 0.7], [2.0, 1.8, 1.6]
+    for seed, (mid, final) in enumerate([(0.6, 0.7), (0.7, 0.6), (0.8, 0.9)]):
+        _run(out, "wapo", seed, up, h, [(0, "before", 0.5), (2, "step 2", mid), (3, "after", final)])
+    _run(out, "grpo", 0, up, h, [(0, "before", 0.5), (3, "after", 0.6)])
+    # steps 2 and 3 skipped (non-finite): max_bad_steps = 2 in a row, the trainer stopped it -> diverged at step 2
+    _run(out, "grpo", 1, [0.3] * 3, [2.0, None, None], [(0, "before", 0.5)], skipped_step=[0, 1, 1])
+    flags = {"collapsed": [0, 0, 1], "collapse_entropy": [0, 0, 1], "collapse_explosion": [0, 0, 0],
+             "collapse_repetition": [0, 0, 0], "collapse_length": [0, 0, 0]}
+    _run(out, "grpo", 2, up, h, [(0, "before", 0.5), (3, "after", 0.4)], **flags)
+    (out / "study.toml").write_text('[study]\ndescription = "hand-written"\n'
+                                    '[axes]\n"algorithm.loss" = ["wapo", "grpo"]\n"run.seed" = [0, 1, 2]\n')
+    write_report(out)
+    return out
+
+
+def test_the_summary_holds_the_hand_computed_numbers(study_dir):
+    with (study_dir / "summary.csv").open() as f:
+        wapo, grpo = list(csv.DictReader(f))  # settings in the study's order
+    assert (wapo["loss"], grpo["loss"]) == ("wapo", "grpo")
+
+    def num(row, key):
+        return float(row[key]) if row[key] else None
+
+    # wapo greedy: before 0.5 ×3; peak max(0.5, 0.6, 0.7), max(0.5, 0.7, 0.6), max(0.5, 0.8, 0.9) = 0.7, 0.7, 0.9:
+    # mean 0.7667, std sqrt((0.0667² + 0.0667² + 0.1333²) / 2) = sqrt(0.02667 / 2) = 0.1155;
+    # final 0.7, 0.6, 0.9: mean 0.7333, std sqrt((0.0333² + 0.1333² + 0.1667²) / 2) = sqrt(0.04667 / 2) = 0.1528
+    assert num(wapo, "greedy_before_mean") == pytest.approx(0.5) and num(wapo, "greedy_before_std") == 0
+    assert num(wapo, "greedy_peak_mean") == pytest.approx(0.76667, abs=1e-5)
+    assert num(wapo, "greedy_peak_std") == pytest.approx(0.11547, abs=1e-5)
+    assert num(wapo, "greedy_final_mean") == pytest.approx(0.73333, abs=1e-5)
+    assert num(wapo, "greedy_final_std") == pytest.approx(0.15275, abs=1e-5)
+    assert num(wapo, "pass@k_final_mean") == pytest.approx(0.73333 + 0.25, abs=1e-5)
+    assert num(wapo, "pass@k_final_std") == pytest.approx(0.15275, abs=1e-5)
+    assert (wapo["collapses"], wapo["steps_to_collapse_mean"]) == ("0", "")
+    # grpo: peak 0.6, 0.5, 0.5 -> 0.5333 ± 0.0577;
+    # final only from the two runs that have one: 0.6, 0.4 -> 0.5 ± 0.1414
+    assert num(grpo, "greedy_peak_mean") == pytest.approx(0.53333, abs=1e-5)
+    assert num(grpo, "greedy_peak_std") == pytest.approx(0.057735, abs=1e-5)
+    assert num(grpo, "greedy_final_mean") == pytest.approx(0.5) and num(grpo, "greedy_final_std") == pytest.approx(
+        0.141421, abs=1e-5)
+    # collapses: seed 1 stopped at step 2 (its first skipped step), seed 2 flagged at step 3 -> 2.5 ± 0.7071
+    assert (grpo["collapses"], grpo["collapse_kinds"]) == ("2", "diverged entropy")
+    assert num(grpo, "steps_to_collapse_mean") == 2.5
+    assert num(grpo, "steps_to_collapse_std") == pytest.approx(0.70711, abs=1e-5)
+    assert (grpo["seeds"], grpo["finished"]) == ("3", "2")
+    assert num(grpo, "seconds_per_step_mean") == 3.0  # 1 s sampling + 2 s update at every step
+    assert grpo["runs"] == "runs/loss=grpo,seed=0; runs/loss=grpo,seed=1; runs/loss=grpo,seed=2"
+    md = (study_dir / "summary.md").read_text()
+    assert "| wapo | 3 (3) | 0.500 ± 0.000 | 0.767 ± 0.115 | 0.733 ± 0.153 |" in md
+    assert "| 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 | runs/loss=grpo,seed=0; " in md
+
+
+def test_runs_logged_without_flags_are_replayed_through_the_detector(tmp_path):
+    # the collapsing stream of tests/test_collapse.py: flagged at step 4 by the entropy criterion
+    _run(tmp_path, "grpo", 0, [0.5, 0.7, 0.3, 0.1], [2.0, 0.4, 0.2, 0.1], [])
+    (run,) = load_runs(tmp_path)
+    assert run.collapse_steps == [4] and run.collapse_kinds == {"entropy"} and run.first_collapse == 4
+
+
+def test_report_command_and_an_empty_folder(tmp_path, capsys):
+    _run(tmp_path, "grpo", 0, [0.5, 0.7], [2.0, 1.0], [(0, "before", 0.5)])
+    assert main(["report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / n) for n in ("summary.csv", "summary.md", "report.html")]
+    assert "| grpo | 1 (0) | 0.500 | 0.500 | — |" in (tmp_path / "summary.md").read_text()  # one seed: no ±
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no run folder" in capsys.readouterr().err
+
+
+def test_the_page_is_self_contained(study_dir):
+    page = (study_dir / "report.html").read_text()
+    assert "<script" not in page and not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
+    assert len(re.findall(r'<img alt="plot" src="data:image/png;base64,', page)) == 3  # overview + 2 settings
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install chromium)")
+def test_the_report_renders_in_headless_chromium(study_dir, tmp_path):
+    # a copy with a probe that records, once the page has loaded, how many images the browser decoded
+    page = (study_dir / "report.html").read_text().replace("</body>", (
+        "<script>window.addEventListener('load', () => { document.body.dataset.decoded = "
+        "[...document.images].filter(i => i.complete && i.naturalWidth > 0).length; });</script></body>"))
+    probe = tmp_path / "probe.html"
+    probe.write_text(page)
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert 'data-decoded="3"' in dom  # the overview and one figure per setting, all decoded
+    table = re.search(r'<table id="summary">.*?</table>', dom, re.S).group(0)
+    body_rows = re.findall(r"<tr>(.*?)</tr>", table.split("<tbody>")[1], re.S)
+    assert len(body_rows) == 2
+    assert re.findall(r"<td>(.*?)</td>", body_rows[1])[:2] == ["grpo", "3 (2)"]
+    assert "2/3 (diverged entropy)" in body_rows[1]

@@ -1,0 +1,276 @@
+"""`wapo compare`: study files, cells, their states, rerun and resume, --jobs, --dry-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wapo import config as cfg
+from wapo.runlog import read_metrics
+from wapo.study import (
+    DEFAULT_SECONDS,
+    cell_state,
+    compare,
+    estimate_seconds,
+    load_study,
+    run_cell,
+    seconds_per_row_token,
+)
+
+TIMING = ("time_sample", "time_train", "tokens_per_second", "peak_memory_mb")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _study(tmp_path: Path, model: str, *, env: str = "test_digit", steps: int = 2, eval_size: int = 1,
+           axes: str = '"algorithm.loss" = ["wapo", "grpo"]\n"run.seed" = [0, 1]\n', extra: str = "") -> Path:
+    return _write(tmp_path / "study.toml", f"""{extra}
+[base.model]
+model = "{model}"
+bf16 = "false"
+bf16_sampling = "false"
+[base.env]
+env = "{env}"
+[base.sampling]
+prompts_per_step = 2
+samples_per_prompt = 4
+max_new_tokens = 6
+temperature = 3.0
+[base.optim]
+lr = 1e-2
+micro_batch_size = 4
+[base.run]
+steps = {steps}
+eval_size = {eval_size}
+eval_samples = 1
+checkpoint_every = 1
+report_to = "none"
+progress = false
+[axes]
+{axes}""")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[extra]\n", "unknown table"),
+    ("[study]\nkeep = true\n", "unknown key"),
+    ("[axes]\n\"optim.learning_rate\" = [1e-5]\n", "not a config key"),
+    ("[axes]\n\"run.lr\" = [1e-5]\n", "not a config key"),  # lr lives in [optim]
+    ("[axes]\n\"optim.lr.x\" = [1e-5]\n", "only table fields"),
+    ("[axes]\n\"optim.lr\" = []\n", "non-empty list"),
+    ("[axes]\n\"optim.lr\" = 1e-5\n", "non-empty list"),
+    ("[axes]\n\"run.seed\" = [0, 1, 0]\n", "twice"),
+    ("[axes]\n\"run.output_dir\" = [\"a\", \"b\"]\n", "set by the study"),
+    ("[base.run]\noutput_dir = \"x\"\n", "set by the study"),
+    ("[base.optim]\nlr = -1.0\n", "--lr must be >= 0"),
+])
+def test_bad_study_files_fail_before_any_work(tmp_path, text, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        load_study(_write(tmp_path / "s.toml", text))
+
+
+def test_cells_are_the_product_with_the_seed_outermost_and_readable_names(tmp_path):
+    study = load_study(_write(tmp_path / "s.toml", """
+[base.algorithm]
+loss_options = { eps_low = 0.2 }
+[axes]
+"algorithm.loss" = ["dapo", "grpo"]
+"run.seed" = [0, 1]
+"algorithm.loss_options.eps_high" = [0.28, 9.0]
+"""))
+    cells = study.cells(tmp_path / "D")
+    assert len(cells) == 2 * 2 * 2
+    # run order: seed 0 of every setting first; names keep the file's axis order
+    assert [c.name for c in cells[:4]] == ["loss=dapo,seed=0,eps_high=0.28", "loss=dapo,seed=0,eps_high=9.0",
+                                           "loss=grpo,seed=0,eps_high=0.28", "loss=grpo,seed=0,eps_high=9.0"]
+    assert all(c.config.run.seed == 1 for c in cells[4:])
+    last = cells[-1].config
+    assert last.algorithm.loss == "grpo" and last.algorithm.loss_options == {"eps_low": 0.2, "eps_high": 9.0}
+    assert last.run.output_dir == str(tmp_path / "D" / "runs" / "loss=grpo,seed=1,eps_high=9.0")
+    assert last.run.export_final is False
+    assert last.model.threads == 0 and last.run.progress is True  # as the base says, when run in this process
+    parallel = study.cells(tmp_path / "D", jobs=2)[0].config
+    assert parallel.model.threads == max(1, len(os.sched_getaffinity(0)) // 2) and parallel.run.progress is False
+
+
+STUDIES = sorted((Path(__file__).parent.parent / "examples").glob("study_*.toml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_example_studies_are_valid(path, tmp_path, capsys):
+    assert compare(path, tmp_path / "D", dry_run=True) == 0  # every cell's config, names and options checked
+    cells = load_study(path).cells(tmp_path / "D")
+    assert f"{len(cells)} cells, {len(cells)} to run" in capsys.readouterr().out
+
+
+def test_values_that_name_the_same_folder_are_refused(tmp_path):
+    study = load_study(_write(tmp_path / "s.toml", '[axes]\n"env.env" = ["rg:a", "rg_a"]\n'))
+    with pytest.raises(cfg.ConfigError, match="both get the folder name"):
+        study.cells(tmp_path / "D")
+
+
+def _rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_cells_state_is_read_from_its_folder(tmp_path):
+    config = cfg.from_dict({"run": {"steps": 3, "eval_size": 2, "max_bad_steps": 2}})
+    d = tmp_path / "cell"
+    assert cell_state(config, d) == "new"
+    d.mkdir()
+    (d / "config.toml").write_text(cfg.dump_toml(config))
+    assert cell_state(config, d) == "started"
+    (d / "checkpoints" / "step_000002").mkdir(parents=True)
+    assert cell_state(config, d) == "partial"
+    _rows(d / "metrics.jsonl", [{"step": s, "skipped_step": 0} for s in (1, 2, 3)])
+    _rows(d / "eval.jsonl", [{"step": 0, "when": "before"}])
+    assert cell_state(config, d) == "partial"  # all steps logged, but the "after" evaluation is missing
+    _rows(d / "eval.jsonl", [{"step": 0, "when": "before"}, {"step": 3, "when": "after"}])
+    assert cell_state(config, d) == "finished"
+    no_eval = cfg.from_dict({"run": {"steps": 3, "eval_size": 0}})
+    (d / "eval.jsonl").unlink()
+    assert cell_state(no_eval, d) == "finished"
+    # the trainer stopped it: its last max_bad_steps = 2 rows are skipped steps
+    _rows(d / "metrics.jsonl", [{"step": 1, "skipped_step": 0}, {"step": 2, "skipped_step": 1}])
+    assert cell_state(config, d) == "partial"
+    _rows(d / "metrics.jsonl", [{"step": 1, "skipped_step": 1}, {"step": 2, "skipped_step": 1}])
+    assert cell_state(config, d) == "diverged"
+
+
+def test_the_estimate_is_rows_times_budget_times_the_rates(tmp_path):
+    config = cfg.from_dict({"sampling": {"prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 6},
+                            "run": {"steps": 2, "eval_size": 2, "eval_samples": 2, "eval_every": 1}})
+    rate = {"sample": 0.01, "train": 0.02}
+    # a step: 2·4 rows × 6 tokens × (0.01 + 0.02) = 1.44 s; an evaluation: 2 problems × (1 + 2) × 6 × 0.01 = 0.36 s
+    # new: 2 steps + before, step 1 and after = 2·1.44 + 3·0.36 = 3.96 s
+    assert estimate_seconds(config, "new", 0, rate) == pytest.approx(3.96)
+    # resumed after step 1: 1 step + after = 1.44 + 0.36
+    assert estimate_seconds(config, "partial", 1, rate) == pytest.approx(1.80)
+    assert estimate_seconds(config, "finished", 2, rate) == 0
+    assert seconds_per_row_token(tmp_path) == (DEFAULT_SECONDS, 0)
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(cfg.dump_toml(config))
+    # 8 rows × 6 tokens = 48 row-tokens: 0.48 s and 0.96 s of sampling -> 0.01 and 0.02, mean 0.015
+    _rows(run / "metrics.jsonl", [{"step": 1, "time_sample": 0.48, "time_train": 0.96},
+                                  {"step": 2, "time_sample": 0.96, "time_train": 0.96, "sampling_rounds": 1}])
+    rates, n = seconds_per_row_token(tmp_path)
+    assert n == 2 and rates == pytest.approx({"sample": 0.015, "train": 0.02})
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_two_by_two_study_resumes_when_killed_and_skips_finished_cells_on_rerun(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    import wapo.trainer as trainer_module
+
+    study = _study(tmp_path, tiny_model_dir)
+    out = tmp_path / "D"
+    cells = load_study(study).cells(out)
+    assert compare(study, out, dry_run=True) == 0
+    assert "4 cells, 4 to run" in capsys.readouterr().out
+    assert not out.exists()  # a dry run writes nothing
+
+    # Ctrl-C in the second cell's second step (the 4th update): the trainer saves step 1 and stops the study
+    real_update, calls = trainer_module.Trainer.update, []
+
+    def update(self, batch):
+        calls.append(self.run_dir.name)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_update(self, batch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "update", update)
+    with pytest.raises(KeyboardInterrupt):
+        compare(study, out)
+    monkeypatch.undo()
+    states = [cell_state(c.config, c.dir) for c in cells]
+    assert states == ["finished", "partial", "new", "new"]
+    assert not (cells[0].dir / "checkpoints").exists()  # a finished cell keeps its logs only
+    (cells[0].dir / "checkpoints" / "step_000002").mkdir(parents=True)  # as a kill before the clean-up leaves it
+    # the third cell was killed hard before its first checkpoint: config.toml and a stray log line
+    cells[2].dir.mkdir(parents=True)
+    (cells[2].dir / "config.toml").write_text(cfg.dump_toml(cells[2].config))
+    _rows(cells[2].dir / "metrics.jsonl", [{"step": 1, "reward_mean": 99.0}])
+    assert cell_state(cells[2].config, cells[2].dir) == "started"
+
+    assert compare(study, out) == 0
+    assert [cell_state(c.config, c.dir) for c in cells] == ["finished"] * 4
+    for c in cells:
+        assert [r["step"] for r in _metrics(c.dir)] == [1, 2]
+        assert [r["when"] for r in map(json.loads, (c.dir / "eval.jsonl").read_text().splitlines())] == [
+            "before", "after"]
+        assert not (c.dir / "checkpoints").exists() and not (c.dir / "hf").exists()
+    # the resumed and the restarted cells equal cells run straight through (all but wall times)
+    for c in cells[1:3]:
+        alone = cfg.from_dict({"run": {"output_dir": str(tmp_path / "alone" / c.name)}}, c.config)
+        run_cell(alone)
+        assert _metrics(c.dir) == _metrics(Path(alone.run.output_dir))
+    summary = (out / "summary.md").read_text()
+    assert "runs/loss=grpo,seed=0; runs/loss=grpo,seed=1" in summary and (out / "report.html").is_file()
+
+    # rerun: every cell is finished, nothing is trained again
+    monkeypatch.setattr(trainer_module, "build_trainer", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    before = {c.name: (c.dir / "metrics.jsonl").read_bytes() for c in cells}
+    assert compare(study, out) == 0
+    assert before == {c.name: (c.dir / "metrics.jsonl").read_bytes() for c in cells}
+
+
+def test_a_changed_study_is_not_mixed_into_cells_run_with_other_settings(tiny_model_dir, tmp_path):
+    study = _study(tmp_path, tiny_model_dir, axes='"run.seed" = [0]\n')
+    cell = load_study(study).cells(tmp_path / "D")[0]
+    cell.dir.mkdir(parents=True)
+    other = cfg.from_dict({"optim": {"lr": 0.5}}, cell.config)
+    (cell.dir / "config.toml").write_text(cfg.dump_toml(other))
+    with pytest.raises(cfg.ConfigError, match=r"optim.lr: 0.5 -> 0.01"):
+        compare(study, tmp_path / "D")
+
+
+def test_keep_checkpoints_keeps_them(tiny_model_dir, tmp_path):
+    study = _study(tmp_path, tiny_model_dir, steps=1, eval_size=0, axes='"run.seed" = [0]\n',
+                   extra="[study]\nkeep_checkpoints = true\n")
+    assert compare(study, tmp_path / "D") == 0
+    assert (tmp_path / "D" / "runs" / "seed=0" / "checkpoints" / "step_000001").is_dir()
+
+
+def test_jobs_run_cells_in_subprocesses_and_sigterm_stops_them_resumably(tiny_model_dir, tmp_path):
+    # subprocesses do not see the test-only environment: the built-in arithmetic task, which the
+    # tiny model never solves (no winner, so WAPO trains nothing; GRPO's advantages are 0)
+    study = _study(tmp_path, tiny_model_dir, env="arithmetic", steps=30, eval_size=0,
+                   axes='"algorithm.loss" = ["wapo", "grpo"]\n')
+    out = tmp_path / "D"
+    cells = load_study(study).cells(out, jobs=2)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    parent = subprocess.Popen([sys.executable, "-m", "wapo.cli", "compare", str(study), "--output-dir", str(out),
+                               "--jobs", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not any(read_metrics(c.dir) for c in cells):  # a cell is training (a step takes ~0.05 s)
+        assert parent.poll() is None and time.monotonic() < deadline, parent.communicate()[0].decode()[-2000:]
+        time.sleep(0.05)
+    parent.send_signal(signal.SIGTERM)
+    log = parent.communicate(timeout=120)[0].decode()
+    assert parent.returncode == 130, log[-2000:]
+    assert "Stopping 2 running cell(s)" in log
+    training = next(c for c in cells if read_metrics(c.dir))
+    assert cell_state(training.config, training.dir) == "partial"  # the worker saved its step and stopped
+    assert "Interrupted: checkpoint of step" in (out / "logs" / f"{training.name}.log").read_text()
+    saved = cfg.from_dict(cfg.load_file(training.dir / "config.toml"))
+    assert saved.model.threads == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert not any(cell_state(c.config, c.dir) == "finished" for c in cells)
+
+    assert compare(study, out) == 0  # here, one after the other: the thread count may differ on resume
+    for c in cells:
+        assert cell_state(c.config, c.dir) == "finished"
+        assert [r["step"] for r in _metrics(c.dir)] == list(range(1, 31))

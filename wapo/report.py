@@ -1,0 +1,385 @@
+"""`wapo report D`: one offline HTML report and summary tables of the runs under D/runs.
+
+Every folder `D/runs/*` holding a config.toml is a run. Runs are grouped into settings: runs
+whose configs agree on everything but `run.seed` (and the folder, threads, progress bars).
+The axes shown are the config keys that differ between runs, plus those of D/study.toml's
+[axes], plus always `algorithm.loss`. Per setting:
+
+- curves over steps, one line per seed and their mean with a band of ± one standard
+  deviation over seeds: training reward, held-out accuracy (eval.jsonl), entropy, completion
+  length, length-cap share, the five taxonomy bins' token fractions and forecast ΔH, clip
+  fractions, gradient norm, repetition; a red × marks each step a collapse flag is up;
+- one table row: held-out greedy accuracy and pass@k before training / at their peak over all
+  evaluations / after training (mean ± std over seeds, n − 1 denominator), collapses (seeds
+  with a `collapsed` step or a run the trainer stopped for non-finite steps), steps to the first
+  collapse, seconds per step (sampling + update), and the run folders the numbers come from.
+
+Collapse flags are read from metrics.jsonl (`wapo.collapse`); a run logged without them is
+replayed through `CollapseDetector()` with default thresholds. Written: D/report.html (plots
+embedded as base64 PNG, no script, no network), D/summary.csv and D/summary.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from wapo import config as cfg
+from wapo.collapse import FLAGS, CollapseDetector
+from wapo.runlog import read_evals, read_metrics
+from wapo.study import SEED_AXIS, cell_state
+from wapo.taxonomy import BINS
+
+NOT_AN_AXIS = ("run.output_dir", SEED_AXIS, "model.threads", "run.progress")
+CURVES = (["reward_mean", "eval:greedy_accuracy", "eval:pass@k", "entropy", "completion_len", "truncated_frac"]
+          + [f"{b}_frac" for b in BINS] + [f"{b}_pred_dentropy" for b in BINS]
+          + ["clip_frac_pos", "clip_frac_neg", "grad_norm", "repeat_ngram_frac"])
+"""Panels of a setting's figure: metrics.jsonl keys, or `eval:<key>` for eval.jsonl."""
+OVERVIEW = ("reward_mean", "eval:greedy_accuracy", "entropy", "completion_len")
+
+
+@dataclass
+class Run:
+    """One run folder's config, logs, state (`wapo.study.cell_state`) and collapse flags."""
+
+    dir: Path
+    config: cfg.TrainConfig
+    metrics: list[dict]
+    evals: list[dict]
+    state: str
+    collapse_steps: list[int] = field(default_factory=list)
+    """Steps whose `collapsed` flag is up."""
+    collapse_kinds: set[str] = field(default_factory=set)
+
+    @property
+    def seed(self) -> int:
+        return self.config.run.seed
+
+    @property
+    def first_collapse(self) -> int | None:
+        """The first flagged step; for a run stopped by non-finite steps without a flag, its first bad step."""
+        if self.collapse_steps:
+            return self.collapse_steps[0]
+        if self.state == "diverged":
+            good = [r["step"] for r in self.metrics if r.get("skipped_step") != 1]
+            return (good[-1] if good else 0) + 1
+        return None
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of a metrics key or `eval:<key>` (`eval:pass@k`: k = eval_samples); null -> NaN."""
+        if key.startswith("eval:"):
+            rows, name = self.evals, self._eval_key(key[5:])
+        else:
+            rows, name = self.metrics, key
+        return [r["step"] for r in rows], [_number(r.get(name)) for r in rows]
+
+    def eval_value(self, key: str, which: str) -> float:
+        """eval.jsonl's `key` "before" training, at its "peak" over all evaluations, or "final"
+        (the "after" evaluation); NaN when absent."""
+        values = [(r.get("when"), _number(r.get(self._eval_key(key)))) for r in self.evals]
+        if which == "peak":
+            return max((v for _, v in values if not math.isnan(v)), default=math.nan)
+        return next((v for when, v in values if when == {"final": "after"}.get(which, which)), math.nan)
+
+    def _eval_key(self, name: str) -> str:
+        return f"pass@{self.config.run.eval_samples}" if name == "pass@k" else name
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def load_runs(out_dir: Path) -> list[Run]:
+    """Every run under out_dir/runs (a folder with a config.toml), by folder name."""
+    runs = []
+    for saved in sorted((out_dir / "runs").glob("*/config.toml")):
+        config = cfg.from_dict(cfg.load_file(saved))
+        run = Run(saved.parent, config, read_metrics(saved.parent), read_evals(saved.parent),
+                  cell_state(config, saved.parent))
+        _collapse_flags(run)
+        runs.append(run)
+    if not runs:
+        raise FileNotFoundError(f"no run folder (with a config.toml) under {out_dir / 'runs'}")
+    return runs
+
+
+def _collapse_flags(run: Run) -> None:
+    """The logged flags, or a replay of the detector over the logged rows."""
+    rows = run.metrics
+    if rows and "collapsed" not in rows[0]:
+        detector = CollapseDetector()
+        rows = [{**r, **detector.update(r)} for r in rows]
+    run.collapse_steps = [r["step"] for r in rows if r.get("collapsed") == 1]
+    run.collapse_kinds = {f.removeprefix("collapse_") for f in FLAGS[:-1] for r in rows if r.get(f) == 1}
+    if run.state == "diverged":
+        run.collapse_kinds.add("diverged")
+
+
+# ----------------------------------------------------------------------------------------
+# Settings and their summary
+# ----------------------------------------------------------------------------------------
+
+
+def _flat(config: cfg.TrainConfig) -> dict[str, Any]:
+    """`section.field` (and `section.field.key` inside table fields) -> value."""
+    out = {}
+    for section, values in cfg.to_dict(config).items():
+        for name, value in values.items():
+            if isinstance(value, dict):
+                out.update({f"{section}.{name}.{k}": v for k, v in value.items()})
+            else:
+                out[f"{section}.{name}"] = value
+    return out
+
+
+def setting_axes(runs: list[Run], study_axes: list[str]) -> list[str]:
+    """The keys that tell settings apart: the loss, the study's axes, any other key that differs."""
+    flats = [_flat(r.config) for r in runs]
+    keys = list(dict.fromkeys(k for f in flats for k in f))
+    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+    ordered = ["algorithm.loss"] + study_axes + differ
+    return [k for k in dict.fromkeys(ordered) if k not in NOT_AN_AXIS]
+
+
+def group_settings(runs: list[Run], axes: list[str], study_axes: dict[str, list]) -> list[tuple[dict, list[Run]]]:
+    """(axis values, runs sorted by seed) per setting; settings in the study's value order."""
+    groups: dict[str, tuple[dict, list[Run]]] = {}
+    for run in runs:
+        flat = _flat(run.config)
+        values = {k: flat.get(k) for k in axes}
+        groups.setdefault(json.dumps(values, sort_keys=True, default=str), (values, []))[1].append(run)
+
+    def order(item):
+        values = item[0]
+        return [(study_axes[k].index(values[k]) if values[k] in study_axes.get(k, []) else len(study_axes.get(k, [])),
+                 str(values[k])) for k in axes]
+
+    return [(values, sorted(members, key=lambda r: r.seed)) for values, members in sorted(groups.values(), key=order)]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1) of the non-NaN values; NaN where undefined."""
+    xs = [v for v in values if not math.isnan(v)]
+    if not xs:
+        return math.nan, math.nan
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else math.nan
+    return mean, std
+
+
+EVALS = {"greedy": "greedy_accuracy", "pass@k": "pass@k"}
+WHEN = ("before", "peak", "final")
+
+
+def summarize(values: dict, runs: list[Run], out_dir: Path) -> dict[str, Any]:
+    """One summary row of a setting (module docstring): its axis values by label, then counts
+    and `*_mean` / `*_std` pairs (pass@k: k = eval_samples), then the run folders."""
+    row: dict[str, Any] = {_label(key, values): value for key, value in values.items()}
+    row.update(seeds=len(runs), finished=sum(r.state == "finished" for r in runs))
+    for name, key in EVALS.items():
+        for which in WHEN:
+            stats = _mean_std([r.eval_value(key, which) for r in runs])
+            row[f"{name}_{which}_mean"], row[f"{name}_{which}_std"] = stats
+    collapsed = [r for r in runs if r.first_collapse is not None]
+    row["collapses"] = len(collapsed)
+    row["collapse_kinds"] = " ".join(sorted(set().union(*(r.collapse_kinds for r in collapsed))))
+    row["steps_to_collapse_mean"], row["steps_to_collapse_std"] = _mean_std([r.first_collapse for r in collapsed])
+    per_step = []
+    for r in runs:
+        times = [_number(m.get("time_sample")) + _number(m.get("time_train")) for m in r.metrics]
+        per_step.append(_mean_std(times)[0])
+    row["seconds_per_step_mean"], row["seconds_per_step_std"] = _mean_std(per_step)
+    row["runs"] = "; ".join(str(r.dir.relative_to(out_dir)) for r in runs)
+    return row
+
+
+def _label(key: str, values: dict) -> str:
+    last = key.split(".")[-1]
+    return last if [k.split(".")[-1] for k in values].count(last) == 1 else key
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------
+
+
+def write_report(out_dir: str | Path) -> list[Path]:
+    """D/report.html, D/summary.csv, D/summary.md from the runs under D/runs."""
+    out_dir = Path(out_dir)
+    runs = load_runs(out_dir)
+    copies = [out_dir / f"study{suffix}" for suffix in (".toml", ".yaml", ".yml")]
+    study = next((cfg.load_file(path) for path in copies if path.is_file()), {})
+    study_axes = study.get("axes", {})
+    axes = setting_axes(runs, list(study_axes))
+    settings = group_settings(runs, axes, study_axes)
+    rows = [summarize(values, members, out_dir) for values, members in settings]
+    labels = [_label(k, settings[0][0]) for k in axes]
+    paths = [out_dir / "summary.csv", out_dir / "summary.md", out_dir / "report.html"]
+    _write_csv(paths[0], rows)
+    paths[1].write_text(_markdown(labels, rows) + "\n")
+    paths[2].write_text(_html(out_dir, study.get("study", {}).get("description", ""), labels, settings, rows))
+    return paths
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                         for row in rows)
+
+
+def _cell(row: dict, name: str, digits: int = 3) -> str:
+    """`mean ± std` of `name`, `mean` alone for one value, `—` for none."""
+    mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+
+
+def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the summary table (shared by Markdown and HTML); `labels`: the axes'."""
+    header = labels + ["seeds (finished)"] + [f"{m} {w}" for m in EVALS for w in WHEN]
+    header += ["collapses", "steps to collapse", "s / step", "runs"]
+    body = []
+    for row in rows:
+        cells = [str(row[a]) for a in labels] + [f"{row['seeds']} ({row['finished']})"]
+        cells += [_cell(row, f"{m}_{w}") for m in EVALS for w in WHEN]
+        kinds = f" ({row['collapse_kinds']})" if row["collapse_kinds"] else ""
+        cells += [f"{row['collapses']}/{row['seeds']}{kinds}", _cell(row, "steps_to_collapse", 1),
+                  _cell(row, "seconds_per_step", 1), row["runs"]]
+        body.append(cells)
+    return header, body
+
+
+def _markdown(labels: list[str], rows: list[dict]) -> str:
+    header, body = _table(labels, rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def _html(out_dir: Path, description: str, labels: list[str], settings: list[tuple[dict, list[Run]]],
+          rows: list[dict]) -> str:
+    header, body = _table(labels, rows)
+    esc = html.escape
+    table = ('<table id="summary"><thead><tr>' + "".join(f"<th>{esc(h)}</th>" for h in header)
+             + "</tr></thead><tbody>"
+             + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in body)
+             + "</tbody></table>")
+    parts = [f"<h1>Study report: {esc(out_dir.name)}</h1>",
+             f"<p>{esc(description)}</p>" if description else "",
+             f"<p>{sum(len(m) for _, m in settings)} runs in {len(settings)} settings, from <code>{esc(str(out_dir))}"
+             f"/runs</code>; written {datetime.now():%Y-%m-%d %H:%M}. Mean ± standard deviation over seeds (n − 1); "
+             "peak = best of all held-out evaluations of a run; final = after training; a collapse is a seed with "
+             "a <code>collapsed</code> step (docs/metrics.md) or stopped for non-finite steps.</p>",
+             "<h2>Summary</h2>", table,
+             "<h2>Settings side by side</h2><p>Mean over seeds, band ± one standard deviation.</p>",
+             _img(_overview_figure(settings))]
+    for (values, runs), row in zip(settings, rows):
+        title = ", ".join(f"{_label(k, values)}={v}" for k, v in values.items())
+        parts += [f"<h2>{esc(title)}</h2>",
+                  f"<p>Runs: {esc(row['runs'])}. One line per seed, black: their mean (band ± one standard "
+                  "deviation); red ×: a step with a collapse flag up.</p>",
+                  _img(_setting_figure(title, runs))]
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #bbb;padding:3px 6px;text-align:right}td:last-child{text-align:left}"
+             "img{max-width:100%}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>wapo study: {esc(out_dir.name)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+# ----------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _img(fig) -> str:
+    """The figure as an <img> with its PNG inline (base64)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=72)
+    _pyplot().close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="plot" src="data:image/png;base64,{data}">'
+
+
+def _mean_band(runs: list[Run], key: str):
+    """(steps, mean, std) over seeds at each step any seed logged (NaN where undefined)."""
+    series = [dict(zip(*r.series(key))) for r in runs]
+    steps = sorted(set().union(*series))
+    stats = [_mean_std([s.get(t, math.nan) for s in series]) for t in steps]
+    return steps, [m for m, _ in stats], [s for _, s in stats]
+
+
+def _draw_mean(ax, runs: list[Run], key: str, color, label: str | None = None, style: str = "-") -> None:
+    import numpy as np
+
+    steps, mean, std = _mean_band(runs, key)
+    mean, std = np.array(mean), np.nan_to_num(np.array(std))
+    ax.plot(steps, mean, style, color=color, lw=2, label=label)
+    ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+    if not np.isfinite(mean).any():
+        ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="grey")
+
+
+def _setting_figure(title: str, runs: list[Run]):
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    cols = 5
+    fig, axes = plt.subplots(math.ceil(len(CURVES) / cols), cols, figsize=(18, 11), squeeze=False)
+    for ax, key in zip(axes.flat, CURVES):
+        for i, run in enumerate(runs):
+            steps, values = run.series(key)
+            ax.plot(steps, values, lw=1, alpha=0.7, color=f"C{i % 10}", label=f"seed {run.seed}")
+            if not key.startswith("eval:"):
+                at = dict(zip(steps, values))
+                flagged = [t for t in run.collapse_steps if t in at]
+                ax.plot(flagged, [at[t] for t in flagged], "x", color="red", ms=7, mew=2)
+        _draw_mean(ax, runs, key, "black", "mean")
+        ax.set_title(key.replace("eval:", "held-out "), fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in list(axes.flat)[len(CURVES):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.supxlabel("step")
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.06, top=0.93, wspace=0.25, hspace=0.35)  # not
+    return fig  # tight_layout: it draws the figure once more, and drawing is most of a report's time
+
+
+def _overview_figure(settings: list[tuple[dict, list[Run]]]):
+    """The overview's metrics, one mean line (and band) per setting: ten colours, then dashes, dots."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(OVERVIEW), figsize=(18, 4), squeeze=False)
+    for ax, key in zip(axes[0], OVERVIEW):
+        for i, (values, runs) in enumerate(settings):
+            label = ", ".join(f"{_label(k, values)}={v}" for k, v in values.items())
+            _draw_mean(ax, runs, key, f"C{i % 10}", label, ("-", "--", ":")[i // 10 % 3])
+        ax.set_title(key.replace("eval:", "held-out "), fontsize=10)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].legend(fontsize=7)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.14, top=0.9, wspace=0.2)
+    return fig
+

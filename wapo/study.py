@@ -1,0 +1,467 @@
+"""`wapo compare`: a study (a base config and axes whose product is a set of runs), run in parts.
+
+A study file (docs/study.md) holds `[base.<section>]` tables (any section of a `wapo train
+--config` file), `[axes]` (dotted config keys → lists of values; the cells are their product)
+and optionally `[study]` (`keep_checkpoints`, `description`):
+
+    [base.run]
+    steps = 15
+    [axes]
+    "algorithm.loss" = ["wapo", "grpo"]
+    "run.seed" = [0, 1, 2]
+    "algorithm.loss_options.eps_high" = [0.28, 9.0]    # a key inside a table-valued field
+
+Each cell is an ordinary run folder, `D/runs/<name>` with `<name>` its axis values
+(`loss=grpo,seed=1,eps_high=9.0`), run with `wapo.trainer.build_trainer` + `fit()`. Its state
+is read from the folder alone:
+
+    finished  metrics.jsonl's last row is step `run.steps` and, when `run.eval_size` > 0,
+              eval.jsonl holds the "after" evaluation
+    diverged  the trainer stopped it: its last `run.max_bad_steps` rows are skipped steps
+    partial   it has a checkpoint: resumed from it (`build_trainer(config, resume=dir)`)
+    started   it holds config.toml but no checkpoint yet: started again (`overwrite=True`)
+    new       no folder, or an empty one
+
+Rerunning the command skips finished and diverged cells and resumes the others, so a killed
+study (Ctrl-C, SIGTERM, a hard kill) goes on where it stopped. A finished or diverged cell
+keeps its logs; its `checkpoints/` are deleted unless `[study] keep_checkpoints = true`
+(cells never export `hf/`: `run.export_final` is false). Cells run with the seed axis
+outermost, so a study cut short has every setting's first seeds. `--jobs N` runs N cells at
+once in subprocesses, each with `model.threads` = cores // N (`OMP_NUM_THREADS` too); their
+output goes to `D/logs/<name>.log`. At the end `wapo.report` writes D/report.html and the
+summaries.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wapo import checkpoint
+from wapo import config as cfg
+from wapo.runlog import read_evals, read_metrics
+
+DONE = ("finished", "diverged")
+SEED_AXIS = "run.seed"
+IGNORED_WHEN_RESUMING = (("model", "threads"), ("run", "progress"))
+"""Settings that may differ between the runs of one cell: they change speed and display, not results."""
+DEFAULT_SECONDS = {"sample": 17.6 / (64 * 48), "train": 21.4 / (64 * 48)}
+"""Seconds per sampled row per token of budget (`max_new_tokens`) when no cell has run yet: the
+built-in model in float32 on 2 CPU cores took 17.6 s to sample and 21.4 s to update 8 × 8 rows
+of 48 tokens (docs/study.md)."""
+EXIT_DIVERGED = 3
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    values: dict[str, Any]
+    """Axis key -> this cell's value."""
+    config: cfg.TrainConfig
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.config.run.output_dir)
+
+
+@dataclass(frozen=True)
+class Study:
+    base: dict[str, dict]
+    axes: dict[str, list]
+    keep_checkpoints: bool = False
+    description: str = ""
+    text: str = ""
+    """The study file as written (copied to D/study.toml, or .yaml)."""
+
+    def cells(self, out_dir: Path, *, jobs: int = 1) -> list[Cell]:
+        """Every cell's config, in run order (seed axis outermost); fails on any bad value."""
+        keys = sorted(self.axes, key=lambda k: k != SEED_AXIS)  # stable: the file's order otherwise
+        labels = _labels(list(self.axes))
+        cells, names = [], {}
+        for combo in itertools.product(*(self.axes[k] for k in keys)):
+            chosen = dict(zip(keys, combo))
+            values = {k: chosen[k] for k in self.axes}  # names in the file's order
+            name = _cell_name(values, labels)
+            if name in names:
+                raise cfg.ConfigError(f"cells {names[name]} and {values} both get the folder name {name!r}: "
+                                      "make the axis values differ in letters or digits")
+            names[name] = values
+            data = copy.deepcopy(self.base)
+            for key, value in values.items():
+                _set_dotted(data, key, value)
+            run = data.setdefault("run", {})
+            run.update(output_dir=str(out_dir / "runs" / name), export_final=False)
+            if jobs > 1:
+                data["model"] = {**data.get("model", {}), "threads": max(1, _cores() // jobs)}
+                run["progress"] = False
+            try:
+                config = cfg.from_dict(data)
+            except cfg.ConfigError as exc:
+                raise cfg.ConfigError(f"study cell {name}: {exc}") from None
+            cells.append(Cell(name, values, config))
+        return cells
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file (TOML or YAML): sections, axis keys and values."""
+    path = Path(path)
+    data = cfg.load_file(path)
+    unknown = sorted(set(data) - {"study", "base", "axes"})
+    if unknown:
+        raise cfg.ConfigError(f"{path}: unknown table(s) {unknown}; a study file has [study], [base.*] and [axes]")
+    meta = data.get("study", {})
+    bad = sorted(set(meta) - {"keep_checkpoints", "description"})
+    if bad:
+        raise cfg.ConfigError(f"{path}: unknown key(s) {bad} in [study]; valid: description, keep_checkpoints")
+    base = data.get("base", {})
+    if "output_dir" in base.get("run", {}):
+        raise cfg.ConfigError(f"{path}: [base.run] output_dir is set by the study (D/runs/<cell>); remove it")
+    axes = data.get("axes", {})
+    for key, values in axes.items():
+        if key in ("run.output_dir", "run.export_final"):
+            raise cfg.ConfigError(f"{path}: axis {key!r} is set by the study, not an axis")
+        _check_key(key, path)
+        if not isinstance(values, list) or not values:
+            raise cfg.ConfigError(f"{path}: axis {key!r} needs a non-empty list of values, got {values!r}")
+        if len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
+            raise cfg.ConfigError(f"{path}: axis {key!r} lists a value twice: {values!r}")
+    cfg.from_dict(copy.deepcopy(base))  # the base alone must be a valid config
+    return Study(base, axes, bool(meta.get("keep_checkpoints", False)), str(meta.get("description", "")),
+                 path.read_text())
+
+
+def _check_key(key: str, path: Path) -> None:
+    parts = key.split(".")
+    leaves = cfg.leaf_fields()
+    section, name = (parts + ["", ""])[:2]
+    if len(parts) not in (2, 3) or name not in leaves or leaves[name][0] != section:
+        raise cfg.ConfigError(f"{path}: axis {key!r} is not a config key; use section.field, e.g. "
+                              f"'algorithm.loss' or 'optim.lr' (`wapo train --help` lists the fields)")
+    if len(parts) == 3 and not isinstance(getattr(getattr(cfg.TrainConfig(), section), name), dict):
+        raise cfg.ConfigError(f"{path}: axis {key!r}: only table fields (such as algorithm.loss_options) take a "
+                              f"third part")
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    section, name, *inner = key.split(".")
+    table = data.setdefault(section, {})
+    if inner:
+        table[name] = {**table.get(name, {}), inner[0]: value}
+    else:
+        table[name] = value
+
+
+def _labels(keys: list[str]) -> dict[str, str]:
+    """Each axis's label in cell names: its last part, or the whole key where two last parts clash."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (label if last.count(label) == 1 else k) for k, label in zip(keys, last)}
+
+
+def _cell_name(values: dict[str, Any], labels: dict[str, str]) -> str:
+    """`label=value,...` with every character outside [A-Za-z0-9._+=,-] replaced by `_`."""
+    def text(v: Any) -> str:
+        return v if isinstance(v, str) else json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+    name = ",".join(f"{labels[k]}={text(v)}" for k, v in values.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9._+=,-]", "_", name)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------------
+# One cell
+# ----------------------------------------------------------------------------------------
+
+
+def cell_state(config: cfg.TrainConfig, cell_dir: Path) -> str:
+    """finished, diverged, partial, started or new (module docstring), from the folder's files."""
+    rows = read_metrics(cell_dir)
+    after = any(r.get("when") == "after" for r in read_evals(cell_dir))
+    if (rows[-1]["step"] if rows else 0) >= config.run.steps and (config.run.eval_size == 0 or after):
+        return "finished"
+    bad = config.run.max_bad_steps
+    if len(rows) >= bad and all(r.get("skipped_step") == 1 for r in rows[-bad:]):
+        return "diverged"
+    if checkpoint.latest(cell_dir) is not None:
+        return "partial"
+    return "started" if (cell_dir / "config.toml").is_file() else "new"
+
+
+def run_cell(config: cfg.TrainConfig, *, keep_checkpoints: bool = False) -> str:
+    """Bring one cell to an end (resume, restart or start it); its final state.
+
+    A TrainingStopped run (non-finite steps) ends as "diverged". Other errors propagate.
+    """
+    from wapo.trainer import TrainingStopped, build_trainer
+
+    cell_dir = Path(config.run.output_dir)
+    state = cell_state(config, cell_dir)
+    if state not in DONE:
+        trainer = (build_trainer(config, resume=cell_dir) if state == "partial"
+                   else build_trainer(config, overwrite=True))
+        try:
+            trainer.fit()
+        except TrainingStopped as exc:
+            print(f"{cell_dir.name}: {exc}", flush=True)
+        state = cell_state(config, cell_dir)
+    if state in DONE and not keep_checkpoints:
+        _drop_checkpoints(cell_dir)
+    return state
+
+
+def _drop_checkpoints(cell_dir: Path) -> None:
+    for name in ("checkpoints", "hf"):
+        shutil.rmtree(cell_dir / name, ignore_errors=True)
+
+
+def config_differences(saved: cfg.TrainConfig, wanted: cfg.TrainConfig) -> list[str]:
+    """`section.field: old -> new` for each setting that differs, speed/display settings aside."""
+    old, new = cfg.to_dict(saved), cfg.to_dict(wanted)
+    return [f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}" for s in new for k in new[s]
+            if old[s][k] != new[s][k] and (s, k) not in IGNORED_WHEN_RESUMING]
+
+
+def _check_cells_match(cells: list[Cell]) -> None:
+    """A cell folder run with other settings (the study file changed) is never mixed in."""
+    for cell in cells:
+        saved = cell.dir / "config.toml"
+        if saved.is_file():
+            diff = config_differences(cfg.from_dict(cfg.load_file(saved)), cell.config)
+            if diff:
+                raise cfg.ConfigError(f"{cell.dir} was run with other settings ({'; '.join(diff)}): use a new "
+                                      f"--output-dir, or delete that folder to run the cell again")
+
+
+def _check_names(cells: list[Cell]) -> None:
+    """Objectives, estimators and environments exist: a typo fails before any cell runs."""
+    from wapo.advantages import ADVANTAGES
+    from wapo.envs import RG_PREFIX, load_environments
+    from wapo.losses import DEFAULT_ADVANTAGE, LOSSES, check_hyperparameters
+
+    for cell in cells:
+        alg, env = cell.config.algorithm, cell.config.env.env
+        try:
+            LOSSES.check(alg.loss)
+            ADVANTAGES.check(alg.advantage or DEFAULT_ADVANTAGE[alg.loss])
+            load_environments().check("rg" if env.startswith(RG_PREFIX) else env)
+            check_hyperparameters(alg.loss, dict(alg.loss_options))
+        except (KeyError, TypeError) as exc:
+            raise cfg.ConfigError(f"study cell {cell.name}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------
+
+
+def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_run: bool = False) -> int:
+    """Run every unfinished cell of the study into `out_dir`, then write the report; exit status."""
+    if jobs < 1:
+        raise cfg.ConfigError(f"--jobs must be >= 1, got {jobs}")
+    out_dir = Path(out_dir)
+    study = load_study(study_file)
+    cells = study.cells(out_dir, jobs=jobs)
+    _check_cells_match(cells)
+    _check_names(cells)
+    states = {c.name: cell_state(c.config, c.dir) for c in cells}
+    if dry_run:
+        print_plan(cells, states, out_dir, jobs)
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"study{Path(study_file).suffix}").write_text(study.text)  # what the report reads the axes from
+    todo = [c for c in cells if states[c.name] not in DONE]
+    for c in cells:
+        if states[c.name] in DONE and not study.keep_checkpoints:  # a kill between a cell's end and its
+            _drop_checkpoints(c.dir)                                # clean-up left them behind
+    print(f"Study {out_dir}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "
+          f"(--jobs {jobs})", flush=True)
+    with _sigterm_raises_interrupt():
+        try:
+            run = _run_here if jobs == 1 else _run_in_subprocesses
+            failed = run(todo, out_dir, jobs, study.keep_checkpoints)
+        except KeyboardInterrupt:
+            print(f"\nStudy interrupted: run the same command again to continue {out_dir}.", flush=True)
+            raise
+    if any((out_dir / "runs").glob("*/config.toml")):  # no report of a study whose every cell failed at once
+        from wapo.report import write_report
+
+        print("Report: " + ", ".join(str(p) for p in write_report(out_dir)))
+    for name, where in failed.items():
+        print(f"cell {name} failed: see {where}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_here(cells: list[Cell], out_dir: Path, jobs: int, keep: bool) -> dict[str, str]:
+    """One cell after the other in this process; failed cell -> where its traceback is."""
+    from tqdm.auto import tqdm
+
+    failed = {}
+    with tqdm(cells, desc="study", unit="cell", dynamic_ncols=True) as bar:
+        for cell in bar:
+            bar.set_postfix_str(cell.name)
+            try:
+                run_cell(cell.config, keep_checkpoints=keep)
+            except Exception:  # one broken cell does not stop the others; rerunning retries it
+                traceback.print_exc()
+                failed[cell.name] = "the traceback above"
+    return failed
+
+
+def _run_in_subprocesses(cells: list[Cell], out_dir: Path, jobs: int, keep: bool) -> dict[str, str]:
+    """Up to `jobs` cells at once, each in `python -m wapo.study` (output in D/logs/<cell>.log).
+
+    Workers run in their own sessions, so a Ctrl-C reaches this process only; it then sends
+    each worker one SIGTERM (the trainer finishes or saves its step) and waits for them.
+    """
+    from tqdm.auto import tqdm
+
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = str(max(1, _cores() // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                       os.environ.get("PYTHONPATH")]))}
+    pending, running, failed = list(cells), {}, {}
+    bar = tqdm(total=len(cells), desc="study", unit="cell", dynamic_ncols=True)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                cell = pending.pop(0)
+                log = (logs / f"{cell.name}.log").open("a")
+                command = [sys.executable, "-m", "wapo.study", json.dumps(cfg.to_dict(cell.config))]
+                command += ["--keep-checkpoints"] if keep else []
+                running[subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)] = (cell, log)
+            for proc in [p for p in running if p.poll() is not None]:
+                cell, log = running.pop(proc)
+                log.close()
+                if proc.returncode not in (0, EXIT_DIVERGED):
+                    failed[cell.name] = str(logs / f"{cell.name}.log")
+                bar.update(1)
+            bar.set_postfix_str(",  ".join(c.name for c, _ in running.values()))
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        print(f"\nStopping {len(running)} running cell(s): each finishes or saves its step ...", flush=True)
+        for proc, (_, log) in running.items():
+            proc.wait()
+            log.close()
+        raise
+    finally:
+        bar.close()
+    return failed
+
+
+@contextmanager
+def _sigterm_raises_interrupt():
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, while the study runs (inside a cell the
+    trainer's own guard takes over). Only in the main thread, and only over the default action."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+# ----------------------------------------------------------------------------------------
+# --dry-run: the cells and an estimated time
+# ----------------------------------------------------------------------------------------
+
+
+def seconds_per_row_token(out_dir: Path) -> tuple[dict[str, float], int]:
+    """Measured seconds per sampled row per budget token, for sampling and training, over every
+    logged step under `out_dir/runs` (and how many steps); `DEFAULT_SECONDS` when none."""
+    sums, n = {"sample": 0.0, "train": 0.0}, 0
+    for saved in sorted((out_dir / "runs").glob("*/config.toml")):
+        s = cfg.from_dict(cfg.load_file(saved)).sampling
+        for row in read_metrics(saved.parent):
+            if row.get("time_sample") is None or row.get("time_train") is None:
+                continue
+            units = s.prompts_per_step * s.samples_per_prompt * (row.get("sampling_rounds") or 1) * s.max_new_tokens
+            sums["sample"] += row["time_sample"] / units
+            sums["train"] += row["time_train"] / units
+            n += 1
+    return ({k: v / n for k, v in sums.items()} if n else dict(DEFAULT_SECONDS)), n
+
+
+def estimate_seconds(config: cfg.TrainConfig, state: str, steps_done: int, rate: dict[str, float]) -> float:
+    """Time left for one cell: remaining steps × rows × budget × (sampling + training) rates,
+    plus its held-out evaluations (eval_size × (1 greedy + eval_samples) rows at the sampling
+    rate). Model loading is not counted."""
+    if state in DONE:
+        return 0.0
+    s, r = config.sampling, config.run
+    left = max(r.steps - steps_done, 0)
+    step = s.prompts_per_step * s.samples_per_prompt * s.max_new_tokens * (rate["sample"] + rate["train"])
+    evaluations = (steps_done == 0) + 1 + (sum(1 for t in range(steps_done + 1, r.steps) if r.eval_every and
+                                               t % r.eval_every == 0))
+    per_eval = r.eval_size * (1 + r.eval_samples) * s.max_new_tokens * rate["sample"] if r.eval_size else 0.0
+    return left * step + evaluations * per_eval
+
+
+def print_plan(cells: list[Cell], states: dict[str, str], out_dir: Path, jobs: int) -> None:
+    rate, measured = seconds_per_row_token(out_dir)
+    width = max(len(c.name) for c in cells)
+    total = 0.0
+    print(f"{'cell':<{width}}  {'state':<9}  {'steps':>9}  {'estimate':>9}")
+    for c in cells:
+        done = _steps_done(c.dir) if states[c.name] in DONE + ("partial",) else 0  # others start over
+        seconds = estimate_seconds(c.config, states[c.name], done, rate)
+        total += seconds
+        print(f"{c.name:<{width}}  {states[c.name]:<9}  {f'{done}/{c.config.run.steps}':>9}  {_duration(seconds):>9}")
+    source = (f"measured on {measured} logged steps in {out_dir}" if measured else
+              "default rate of the built-in model on 2 CPU cores (docs/study.md)")
+    to_run = sum(states[c.name] not in DONE for c in cells)
+    print(f"{len(cells)} cells, {to_run} to run: about {_duration(total)} one after the other"
+          + (f", about {_duration(total / jobs)} at best with --jobs {jobs}" if jobs > 1 else "")
+          + f" ({source}; model loading not counted)")
+
+
+def _steps_done(cell_dir: Path) -> int:
+    """Steps a resumed cell keeps: its newest checkpoint's (later logged steps are replayed)."""
+    last = checkpoint.latest(cell_dir)
+    rows = read_metrics(cell_dir)
+    return int(last.name.split("_")[1]) if last is not None else (rows[-1]["step"] if rows else 0)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _worker(argv: list[str]) -> int:
+    """`python -m wapo.study CONFIG_JSON [--keep-checkpoints]`: run one cell (a --jobs worker)."""
+    config = cfg.from_dict(json.loads(argv[0]))
+    try:
+        state = run_cell(config, keep_checkpoints="--keep-checkpoints" in argv[1:])
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_DIVERGED if state == "diverged" else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.exit(_worker(sys.argv[1:]))
