@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import wapo
+from wapo import checkpoint
 from wapo import config as cfg
 from wapo.trainer import TrainingStopped, build_trainer
 
@@ -225,3 +226,21 @@ def test_the_logged_learning_rate_is_the_one_each_update_used(tiny_model_dir, tm
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     # linear warm-up over 3 steps: (step + 1) / 3 of the peak for steps 0, 1, 2
     assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_collapse_flags_are_logged_every_step_and_survive_resume(tiny_model_dir, tmp_path):
+    # entropy_high 1.0: the averaged entropy reaches 1× its first value at step 1 already
+    config = _config(tiny_model_dir, tmp_path, run={"steps": 3, "collapse_options": {"entropy_high": 1.0,
+                                                                                     "smoothing": 1.0}},
+                     sampling={"temperature": 3.0})
+    trainer = build_trainer(config)
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["collapse_explosion"] == 1 and rows[0]["collapsed"] == 1
+    assert all(r["collapse_entropy"] in (0, 1) and 0 <= r["repeat_ngram_frac"] <= 1 for r in rows)
+    last = checkpoint.latest(trainer.run_dir)
+    assert last.name == "step_000003"
+    state = json.loads((last / "progress.json").read_text())["collapse"]
+    assert state == trainer.collapse.state() and state["starts"]  # the detector's state is checkpointed
+    with pytest.raises(cfg.ConfigError, match="--collapse-options"):
+        build_trainer(_config(tiny_model_dir, tmp_path / "bad", run={"collapse_options": {"entropy_lo": 0.1}}))

@@ -181,6 +181,8 @@ class RunConfig:
     """Consecutive non-finite steps (skipped) before the run stops."""
     progress: bool = True
     """Show progress bars."""
+    collapse_options: dict = field(default_factory=dict)
+    """Thresholds of the online collapse flags, e.g. {"entropy_low": 0.2} (docs/metrics.md, "Collapse flags")."""
     report_to: str = "tensorboard"
     """Where metrics go besides metrics.jsonl: comma-separated tensorboard, wandb (needs `pip install wandb`), or none (TRL's names)."""
     export_final: bool = True

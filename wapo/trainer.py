@@ -45,6 +45,7 @@ import torch
 from wapo import checkpoint
 from wapo.advantages import ADVANTAGES, compute_advantages
 from wapo.batch import RolloutBatch, row_token_stats
+from wapo.collapse import CollapseDetector
 from wapo.config import ConfigError, TrainConfig, dump_toml, from_dict, load_file, to_dict
 from wapo.envs import make_env
 from wapo.envs.base import Environment
@@ -71,6 +72,8 @@ class Progress:
     bad_steps: int = 0
     skipped_steps: int = 0
     reward_errors: int = 0
+    collapse: dict = field(default_factory=dict)
+    """The collapse detector's state (`wapo.collapse`), so a resumed run flags as an uninterrupted one."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ class Trainer:
     log: RunLog | None = None
     resumed: bool = False
     interrupts: InterruptGuard = field(default_factory=lambda: InterruptGuard())
+    collapse: CollapseDetector = field(default_factory=CollapseDetector)
 
     def __post_init__(self):
         self.train_set = self.env.train_set()
@@ -163,7 +167,9 @@ class Trainer:
                     self.interrupts.hold()
                     step = self.commit(counters)
                     replay_rng = None
-                    row = self.log.log_step(step, {**metrics, **self.totals()})
+                    flags = self.collapse.update(metrics, counters["texts"])
+                    self.progress.collapse = self.collapse.state()
+                    row = self.log.log_step(step, {**metrics, **flags, **self.totals()})
                     _update_bar(bar, row)
                     if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
                         self.save()
@@ -220,7 +226,8 @@ class Trainer:
             "peak_memory_mb": _peak_memory_mb(), **{f"env_{k}": v for k, v in self.env.metrics().items()},
         }
         self.log_completions(drawn)
-        counters = {"prompts": len(drawn.samples), "reward_errors": drawn.errors, "finite": update.finite}
+        counters = {"prompts": len(drawn.samples), "reward_errors": drawn.errors, "finite": update.finite,
+                    "texts": [e.text for e in drawn.episodes]}
         return metrics, counters
 
     def sample_and_score(self) -> Sampled:
@@ -412,19 +419,25 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     progress = Progress()
+    try:
+        collapse = CollapseDetector(**config.run.collapse_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--collapse-options: {exc}") from None
     if resume:
         last = checkpoint.latest(run_dir)
         if last is None:
             raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints to resume from (the run stopped "
                                     f"before its first step): start it again with --output-dir {run_dir} --overwrite")
         fields = checkpoint.load(last, model, optimizer, scheduler)
-        progress = Progress(**{k: fields[k] for k in dataclasses.asdict(progress)})
+        progress = Progress(**{k: fields[k] for k in dataclasses.asdict(progress) if k in fields})
+        if progress.collapse:
+            collapse.load_state(progress.collapse)
         print(f"Resuming {run_dir} from step {progress.step}")
     sampler = None
     if precision.bf16_sampling:
         sampler = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
     trainer = Trainer(config, run_dir, env, model, tokenizer, optimizer, scheduler, precision, reference, sampler,
-                      progress)
+                      progress, collapse=collapse)
     tensorboard, sinks = report_sinks(config.run.report_to, run_dir, to_dict(config))
     trainer.log = RunLog(run_dir, resume_step=progress.step if resume else None, tensorboard=tensorboard, sinks=sinks)
     trainer.resumed = resume is not None
