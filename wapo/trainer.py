@@ -373,7 +373,8 @@ class Trainer:
             torch.manual_seed(cfg.run.seed + 1_000_003 * (self.progress.step + 1))
             results = evaluate(policy, self.tokenizer, self.env, samples, k=cfg.run.eval_samples,
                                temperature=cfg.sampling.temperature, max_new_tokens=cfg.sampling.max_new_tokens,
-                               top_p=cfg.sampling.top_p, max_observation_tokens=cfg.sampling.max_observation_tokens)
+                               top_p=cfg.sampling.top_p, max_observation_tokens=cfg.sampling.max_observation_tokens,
+                               progress=cfg.run.progress, desc=f"eval {when}")
         self.log.log_eval(self.progress.step, when, results)
         print(f"[eval {when}] " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in results.items()), flush=True)
