@@ -254,3 +254,23 @@ def test_report_to_is_checked_before_any_run_folder(tiny_model_dir, tmp_path, ca
     assert main(_train_argv(tiny_model_dir, run, "--report-to", "tensorboard,mlflow")) == 2
     assert "--report-to takes a comma-separated subset of tensorboard, wandb, or none" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_report_to_wandb_without_wandb_fails_before_any_run_folder(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    run = tmp_path / "run"
+    assert main(_train_argv(tiny_model_dir, run, "--report-to", "tensorboard,wandb")) == 2
+    assert "--report-to wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_the_core_never_imports_the_integrations():
+    import subprocess
+
+    code = ("import sys, wapo, wapo.cli, wapo.trainer, wapo.export, wapo.study, wapo.report; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trl', 'verl') or 'integrations' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -14,6 +14,7 @@ either the old file or the new one, never a half-written one.
 from __future__ import annotations
 
 import json
+import uuid
 import math
 import os
 import tempfile
@@ -116,7 +117,7 @@ class WandbSink:
         except ImportError as exc:
             raise ImportError("--report-to wandb needs the wandb package: pip install wandb") from exc
         id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self._run = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
                                config=config)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import random
@@ -398,6 +399,8 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
     ADVANTAGES.check(alg.advantage or DEFAULT_ADVANTAGE[alg.loss])
     env = make_env(config.env.env, config.env.env_options)
     _check_loss_options(config)
+    if "wandb" in config.run.report_to and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--report-to wandb needs the wandb package: pip install wandb")
     run_dir = Path(resume) if resume else _fresh_run_dir(config, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_toml(config))
@@ -461,7 +464,7 @@ def _check_loss_options(config: TrainConfig) -> None:
 
 
 RUN_FILES = ("config.toml", "precision.json", "metrics.jsonl", "completions.jsonl", "eval.jsonl", "reward_errors.log",
-             "reward.png", "entropy.png", "taxonomy.png", "tensorboard", "checkpoints", "hf")
+             "reward.png", "entropy.png", "taxonomy.png", "tensorboard", "checkpoints", "hf", "wandb", "wandb_run_id")
 """What a run writes in its folder: all that `--overwrite` removes."""
 
 

@@ -171,7 +171,8 @@ class WAPOTrainer(GRPOTrainer):
         else:
             with_grad = torch.ones_like(advantages, dtype=torch.bool)
         rows = with_grad.nonzero().squeeze(-1)
-        if rows.numel() == 0:  # its gradient is zero by construction, but every parameter joins the backward
+        placeholder = rows.numel() == 0
+        if placeholder:  # its gradient is zero by construction, but every parameter joins the backward
             rows = rows.new_zeros(1)
         batch = _select(inputs, rows)
         stats = self._token_stats(model, batch)
@@ -187,7 +188,8 @@ class WAPOTrainer(GRPOTrainer):
             loss = loss + kl.loss
             self._metrics[mode]["kl"].append(kl.metrics["kl_ref"].item())
 
-        self._add_to_window(stats, batch, backward_rows=int(with_grad.sum()))
+        if not placeholder:  # the placeholder row is binned once, with the skipped rows below
+            self._add_to_window(stats, batch, backward_rows=int(with_grad.sum()))
         skipped = (~with_grad).nonzero().squeeze(-1)
         if self.diagnose_skipped_rows and skipped.numel():
             with torch.no_grad():
