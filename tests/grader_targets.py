@@ -22,6 +22,7 @@ def slow(pred: str, gold: str) -> bool:
 
 
 def sleepy(pred: str, gold: str) -> bool:
-    """Answers after 0.3 s; compares spellings."""
-    time.sleep(0.3)
+    """Answers after 1 s when the answer is "sleepy"; otherwise compares spellings at once."""
+    if pred == "sleepy":
+        time.sleep(1.0)
     return pred == gold

@@ -348,17 +348,23 @@ def test_qa_f1(pred: str, golds: list[str], f1: float) -> None:
     assert qa_f1(pred, golds) == pytest.approx(f1)
 
 
-def test_an_interrupt_while_waiting_never_shifts_the_next_verdicts(install_grader):
-    # Ctrl-C arrives while the child is still comparing "a" with "b" (False). Its unread reply
-    # must not answer the next question ("z" == "z": True).
+def test_an_interrupt_while_waiting_never_shifts_the_next_verdicts(install_grader, monkeypatch):
+    # Ctrl-C arrives while the child is still comparing "sleepy" with "b" (False, after 1 s). Its
+    # unread reply must not answer the next question ("z" == "z": True).
     import signal
-    import threading
 
-    grader = install_grader("sleepy")
-    assert grader.verify("x", "x", timeout_s=30)  # started and warm
-    timer = threading.Timer(0.1, signal.raise_signal, args=(signal.SIGINT,))
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        grader.verify("a", "b", timeout_s=30)
-    timer.join()
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        grader = install_grader("sleepy")
+        assert grader.verify("x", "x", timeout_s=30)  # started and warm
+        signal.setitimer(signal.ITIMER_REAL, 0.2)  # the main thread is interrupted 0.2 s into the wait
+        with pytest.raises(KeyboardInterrupt):
+            grader.verify("sleepy", "b", timeout_s=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    time.sleep(1.2)  # the old child would have answered by now
     assert [grader.verify("z", "z", timeout_s=30), grader.verify("a", "b", timeout_s=30)] == [True, False]
