@@ -5,8 +5,9 @@ One process, the built-in model, the default step (8 prompts x 8 samples, 48 new
   sampling   one batched call for all 64 rows vs one call per prompt; a bfloat16 sampler copy
   training   on the *same* sampled batch: GRPO (every row with A != 0 backpropagates) with one
              full sequence per row and with each prompt run once for its G completions; WAPO
-             (losers skipped), WAPO without the no-grad diagnostics of skipped rows, WAPO with
-             losers kept in the backward pass, and WAPO under bf16 autocast
+             (losers skipped, their taxonomy recorded while sampling), WAPO with a no-grad pass
+             for the losers' taxonomy instead, WAPO with losers kept in the backward pass, and
+             WAPO under bf16 autocast
   agreement  how far bf16 moves log-probabilities on that batch: the bf16 sampler's μ and the
              bf16-autocast trainer against the float32 trainer (mean |Δ log p|, KL, largest ratio)
   accuracy   held-out greedy accuracy of the float32 policy and of its bfloat16 copy
@@ -103,23 +104,25 @@ def main() -> None:
 
     base_precision = trainer.precision
 
-    def train(loss: str, bf16: bool = False, share_prompts: bool = True, **algorithm):
+    def train(loss: str, bf16: bool = False, share_prompts: bool = True, recorded: bool = True, **algorithm):
         trainer.config = dataclasses.replace(
             config, algorithm=dataclasses.replace(config.algorithm, loss=loss, **algorithm),
             model=dataclasses.replace(config.model, share_prompts=share_prompts))
         trainer.precision = dataclasses.replace(base_precision, bf16=bf16)
         model.load_state_dict(state)
-        adv = compute_advantages(trainer.advantage_name, rewards, g)
-        return trainer.update(RolloutBatch.from_episodes(episodes, adv)).metrics
+        batch = RolloutBatch.from_episodes(episodes, compute_advantages(trainer.advantage_name, rewards, g))
+        if not recorded:  # as before the sampler recorded the taxonomy: a no-grad pass over skipped rows
+            batch.sampler_stats = None
+        return trainer.update(batch).metrics
 
     rows = []
     for name, loss, changes in [
         ("GRPO, one full sequence per row", "grpo", {"share_prompts": False}),
         ("GRPO, each prompt run once (default)", "grpo", {}),
-        ("WAPO: losers skipped, no-grad diagnostics on them", "wapo", {}),
-        ("WAPO: losers skipped, no diagnostics", "wapo", {"diagnose_skipped_rows": False}),
+        ("WAPO: losers skipped, their taxonomy from sampling (default)", "wapo", {}),
+        ("WAPO: losers skipped, a no-grad pass for their taxonomy", "wapo", {"recorded": False}),
         ("WAPO: losers in the backward pass (weight 0)", "wapo", {"skip_zero_gradient_rows": False}),
-        ("WAPO: skipped + diagnostics, bf16 autocast", "wapo", {"bf16": True}),
+        ("WAPO: default, bf16 autocast", "wapo", {"bf16": True}),
     ]:
         seconds, out = timed(lambda: train(loss, **changes), args.repeats)
         rows.append((f"{name} [{out['backward_rows']} rows]", seconds))
