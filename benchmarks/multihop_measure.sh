@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/multihop-measure}
 WORLD=${WORLD:-"top_k=2 max_observation_words=80"}
 RL_MINUTES=${RL_MINUTES:-30}
+SFT_STEPS=${SFT_STEPS:-40}  # 8 demonstrations a step, each seen once
 N_EVAL=${N_EVAL:-100}
 PY=${PY:-python}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -27,7 +28,7 @@ evaluate() {  # name, model, [checkpoint]
 
 evaluate base builtin:smollm2-135m
 
-[ -d "$OUT/sft/model" ] || $PY -m wapo.cli sft --env multihop --env-options $WORLD --n-demos 80 --steps 10 \
+[ -d "$OUT/sft/model" ] || $PY -m wapo.cli sft --env multihop --env-options $WORLD --n-demos $((8 * SFT_STEPS)) --steps "$SFT_STEPS" \
     --batch-size 8 --micro-batch-size 8 --lr 2e-4 --warmup-steps 2 --schedule cosine --bf16 true \
     --max-observation-tokens 200 --checkpoint-every 5 --output-dir "$OUT/sft"
 evaluate sft "$OUT/sft/model"
