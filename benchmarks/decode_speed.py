@@ -8,6 +8,11 @@ One process prints, for float32 and bfloat16 (a bf16 copy of the built-in model)
             weights and the output layer (tied to the embedding: its one copy counts once, as
             the output layer). The input embedding is a lookup, not a matmul; the norms'
             weights are elementwise; attention over the context (QK^T, AV) is left out.
+  shapes    the matmuls of one 64-row decode step alone, at their own shapes (each decoder
+            layer's projections and the output layer, `torch.nn.functional.linear` on the
+            model's weights): the tokens/s a decode step could reach if nothing but its matmuls
+            took time. Small-row matmuls run far below the 2048 x 2048 rate, so this, not the
+            floor, bounds any sampler built on these kernels
   step      the model's own decode step: one new token for each of 64 rows on a 72-position
             cache (the default step's prompt + half its budget), with transformers' cache and
             with the sampler's preallocated one (`wapo.kv_cache`)
@@ -64,6 +69,20 @@ def matmul_parameters(model) -> int:
     body = model.get_decoder()
     linear = sum(m.weight.numel() for m in body.layers.modules() if isinstance(m, torch.nn.Linear))
     return linear + model.get_output_embeddings().weight.numel()
+
+
+def shape_matmul_seconds(model, rows: int) -> float:
+    """Seconds of the matmuls of one decode step: every Linear weight and the output layer, `rows` x in."""
+    weights = [m.weight for m in model.get_decoder().layers.modules() if isinstance(m, torch.nn.Linear)]
+    weights.append(model.get_output_embeddings().weight)
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+    with torch.no_grad():
+        for w in weights:  # warm-up: kernel selection for each shape
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        start = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+    return time.perf_counter() - start
 
 
 def step_seconds(model, rows: int, context: int, preallocated: bool) -> float:
@@ -135,6 +154,8 @@ def main() -> None:
             torch.set_num_threads(count)
             for name, model in models.items():
                 results.setdefault((count, name, "matmul"), []).append(matmul_gflops(dtypes[name]))
+                rate = rows / shape_matmul_seconds(model, rows)
+                results.setdefault((count, name, "matmuls at the step's shapes"), []).append(rate)
                 for preallocated, label in ((False, "step, transformers' cache"), (True, "step, preallocated cache")):
                     rate = rows / step_seconds(model, rows, context, preallocated)
                     results.setdefault((count, name, label), []).append(rate)

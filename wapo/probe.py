@@ -99,6 +99,8 @@ def probe(config: TrainConfig, *, batches: int = 5, logit_eta: float = 0.01, sgd
     The trainer is built in a temporary folder (nothing is left behind); the data order is the
     training run's (`run.seed`), one batch after the other.
     """
+    from tqdm.auto import tqdm
+
     from wapo.trainer import build_trainer
 
     unknown = sorted(set(updates) - set(UPDATES))
@@ -111,7 +113,7 @@ def probe(config: TrainConfig, *, batches: int = 5, logit_eta: float = 0.01, sgd
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]
         adamw, adamw_state = trainer.optimizer, trainer.optimizer.state_dict()
-        for _ in range(batches):
+        for _ in tqdm(range(batches), desc="probe", unit="batch", disable=not config.run.progress, dynamic_ncols=True):
             batch = _sample(trainer)
             rows = list(range(len(batch)))
             with torch.no_grad():
