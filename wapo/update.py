@@ -216,7 +216,7 @@ def _backward(batch: RolloutBatch, mb: MiniBatch, s: UpdateSettings, old_logprob
             diag.add_stats(rows, stats)
             diag.add_mismatch(logp, mu, m)
             if s.ratio_against == "trainer":
-                old_logprobs[rows] = logp.detach().float().cpu()
+                old_logprobs[rows] = logp.detach().to(old_logprobs.dtype).cpu()
         old = old_logprobs[rows].to(logp.device)
         weights = tis_weights(old, mu, m, cap=s.tis_cap) if s.tis_cap > 0 else None
         out = policy_loss(s.loss, logp, old, advantages[rows].to(logp.device), m, normalizer=mb.normalizer,
@@ -250,7 +250,7 @@ def _pre_update_pass(batch: RolloutBatch, rows: list[int], old_logprobs: Tensor,
         diag.add_stats(part, stats)
         diag.add_mismatch(stats.logp, batch.old_logprobs[part].to(stats.logp.device),
                           batch.mask[part].to(stats.logp.device))
-        old_logprobs[part] = stats.logp.float().cpu()
+        old_logprobs[part] = stats.logp.to(old_logprobs.dtype).cpu()
 
 
 def _taxonomy_without_training_pass(batch, rows, diag, token_stats, sampler_stats, micro_batch_size, *,
