@@ -261,3 +261,13 @@ def test_the_trainer_takes_updates_times_mini_batches_adam_steps(tiny_model_dir,
     state = trainer.optimizer.state_dict()["state"]
     assert {s["step"].item() for s in state.values()} == {4.0}
     assert row["lr"] == config.optim.lr  # the schedule steps once per trainer step
+
+
+def test_both_options_are_flags_of_wapo_train():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cfg.add_flags(parser)
+    args = parser.parse_args(["--mini-batches", "4", "--sampler-lag", "1", "--prompts-per-step", "4"])
+    config = cfg.from_dict(cfg.overrides_from_args(args))
+    assert (config.algorithm.mini_batches, config.algorithm.sampler_lag) == (4, 1)

@@ -16,7 +16,8 @@
             clip the gradient norm; one optimizer step
 
 That is `updates_per_batch × mini_batches` optimizer steps (PPO's epochs × mini-batches; verl's
-`ppo_epochs` × `ppo_mini_batch_size`, TRL's `num_iterations` × `steps_per_generation`). A group
+`ppo_epochs` and `ppo_mini_batch_size` = rows / mini_batches, TRL's `num_iterations` and
+`steps_per_generation`). A group
 is never split: its rows share a baseline, and WAPO's "contributing" normaliser counts groups.
 Against the trainer the first slice's first pass is π_old, so the first optimizer step's ratio is
 exactly 1 whatever the sampler's numerics; the later slices' ratios already carry the earlier
