@@ -3,6 +3,8 @@
 Each checkpoint is a folder `checkpoints/step_N/` (N written with at least six digits) holding
 
     model.safetensors   the trainable weights
+    sampler.safetensors only with `sampler_lag` = 1: the sampler copy's values of the same
+                        weights (one update behind the policy; in bfloat16 with `bf16_sampling`)
     trainer.pt          optimizer and scheduler state, torch (and CUDA) RNG states: tensors
                         and plain containers only, read with `torch.load(weights_only=True)`,
                         which refuses anything that would run code while unpickling
@@ -37,12 +39,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _STEP_DIR = re.compile(r"step_(\d+)")
+SAMPLER_FILE = "sampler.safetensors"
 _REPLACED = ".replaced-"
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """The parameters that training changes (all weights, or only LoRA adapters)."""
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def copy_state(copy, model) -> dict[str, torch.Tensor]:
+    """The parameters of `copy` (a copy of `model`, e.g. the sampler) that training changes in `model`."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: p.detach().cpu().contiguous() for name, p in copy.named_parameters() if name in trainable}
 
 
 def rng_state() -> dict:
@@ -62,14 +71,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, progress: dict, *, keep: int = 1,
-         rng: dict | None = None) -> Path:
+         rng: dict | None = None, sampler=None) -> Path:
     """Write checkpoint `step` atomically, then remove all checkpoints but the `keep` newest.
 
     Kept: the one just written and the `keep - 1` others of highest step (other spellings of
     the same step are replaced). `rng`: the RNG states to restore (default:
     the current ones); an interrupted step passes the states it started from, so resuming
-    replays that step exactly. Leftovers of saves that crashed (`.tmp-*`, `.replaced-*`) are
-    removed.
+    replays that step exactly. `sampler`: a copy of `model` whose weights are state of their
+    own (a sampler one update behind), written to sampler.safetensors. Leftovers of saves that
+    crashed (`.tmp-*`, `.replaced-*`) are removed.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (checkpoints kept on disk), got {keep}")
@@ -78,7 +88,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, progress: dict, 
     target = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        _write(tmp, model, optimizer, scheduler, {**progress, "step": step}, rng or rng_state())
+        _write(tmp, model, optimizer, scheduler, {**progress, "step": step}, rng or rng_state(), sampler)
     except BaseException:
         shutil.rmtree(tmp)  # a failed save leaves no partial copy of the weights behind
         raise
@@ -98,9 +108,11 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, progress: dict, 
     return target
 
 
-def _write(folder: Path, model, optimizer, scheduler, progress: dict, rng: dict) -> None:
-    """The checkpoint's four files in `folder`, flushed to disk."""
+def _write(folder: Path, model, optimizer, scheduler, progress: dict, rng: dict, sampler=None) -> None:
+    """The checkpoint's four files (five with a `sampler`) in `folder`, flushed to disk."""
     save_file(trainable_state(model), str(folder / "model.safetensors"))
+    if sampler is not None:
+        save_file(copy_state(sampler, model), str(folder / SAMPLER_FILE))
     tensors = {"torch": rng["torch"], **({"cuda": rng["cuda"]} if "cuda" in rng else {})}
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": tensors},
                folder / "trainer.pt")
@@ -140,9 +152,9 @@ def _step_of(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def load_weights(path: Path, model) -> None:
+def load_weights(path: Path, model, file: str = "model.safetensors") -> None:
     """Load a checkpoint's trainable weights into `model`; every saved tensor must fit."""
-    tensors = load_file(str(path / "model.safetensors"))
+    tensors = load_file(str(path / file))
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
@@ -171,6 +183,17 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state({**state["rng"], **_rng_from_json(json.loads((path / "rng.json").read_text()))})
     return json.loads((path / "progress.json").read_text())
+
+
+def load_sampler(path: Path, sampler) -> None:
+    """Restore a sampler copy that is one update behind (`sampler_lag` = 1) from sampler.safetensors."""
+    if not (path / SAMPLER_FILE).is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} has no {SAMPLER_FILE}: it was written by a run with sampler_lag = 0 (or by an "
+            f"older wapo), so the weights one update behind that --sampler-lag 1 samples with are not in it. "
+            f"Resume it with --sampler-lag 0, or start a new run with --sampler-lag 1."
+        )
+    load_weights(path, sampler, SAMPLER_FILE)
 
 
 def _rng_to_json(state: dict) -> dict:

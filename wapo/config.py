@@ -102,7 +102,9 @@ class AlgorithmConfig:
     loss_options: dict = field(default_factory=dict)
     """Hyper-parameters of the objective, e.g. {"eps_high": 9.0} (defaults: docs/math.md#defaults)."""
     updates_per_batch: int = 1
-    """Optimizer steps on each sampled batch; above 1 the importance ratios and clipping matter."""
+    """Passes over each sampled batch; above 1 the importance ratios and clipping matter."""
+    mini_batches: int = 1
+    """Optimizer steps per pass, each on a slice of whole groups with its own normaliser (PPO's mini-batches); at most prompts_per_step."""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: keep sampling until the batch holds prompts_per_step groups with mixed rewards."""
     max_sampling_rounds: int = 4
@@ -119,9 +121,14 @@ class AlgorithmConfig:
     """Leave rows whose gradient is zero by construction (WAPO's losers) out of the backward pass."""
     diagnose_skipped_rows: bool = True
     """Run a no-grad pass over skipped rows so their taxonomy bins are still logged."""
+    sampler_lag: int = 0
+    """0: sample with the current weights; 1: with the weights from before the previous step's update (generation one step ahead, as in asynchronous trainers)."""
 
     def __post_init__(self):
         _require(self.updates_per_batch >= 1, "updates_per_batch", "must be >= 1")
+        _require(self.mini_batches >= 1, "mini_batches", "must be >= 1 (1 = one optimizer step per pass over the batch)")
+        _require(self.sampler_lag in (0, 1), "sampler_lag",
+                 "must be 0 (sample with the current weights) or 1 (with the weights one update behind)")
         _require(self.kl_beta >= 0, "kl_beta", "must be >= 0")
         _require(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
         _require(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
@@ -206,6 +213,11 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        _require(self.algorithm.mini_batches <= self.sampling.prompts_per_step, "mini_batches",
+                 f"({self.algorithm.mini_batches}) must be <= --prompts-per-step ({self.sampling.prompts_per_step}): "
+                 f"a mini-batch holds whole groups, one group per prompt")
 
 
 def leaf_fields(cls: type = TrainConfig) -> dict[str, tuple[str, dataclasses.Field]]:

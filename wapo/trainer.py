@@ -136,7 +136,8 @@ class Trainer:
     reference: torch.nn.Module | None = None
     """The KL reference when it is a separate model; None with LoRA (the base model, adapters off)."""
     sampler: torch.nn.Module | None = None
-    """A bfloat16 copy of the policy that samples (`bf16_sampling`); None samples with `model`."""
+    """A copy of the policy that samples: bfloat16 (`bf16_sampling`) and/or one update behind
+    (`sampler_lag` = 1); None samples with `model`."""
     progress: Progress = field(default_factory=Progress)
     log: RunLog | None = None
     resumed: bool = False
@@ -261,14 +262,33 @@ class Trainer:
                 return drawn
 
     def update(self, batch: RolloutBatch) -> UpdateResult:
-        """`updates_per_batch` optimizer steps on `batch` (`wapo.update`); interrupts wait from the first."""
-        return update_policy(
+        """`updates_per_batch × mini_batches` optimizer steps on `batch` (`wapo.update`); interrupts
+        wait from the first.
+
+        The sampler copy follows the policy: with `sampler_lag` 0 after every optimizer step;
+        with 1 it takes the weights this update starts from, once the step can no longer be cut
+        short (at its first optimizer step, or at the end of an update that took none), so a
+        step replayed after an interrupt samples with the same stale weights.
+        """
+        lagged, synced = self.config.algorithm.sampler_lag == 1, []
+
+        def before_optimizer_step() -> None:
+            self.interrupts.hold()
+            if lagged and not synced:
+                self._sync_sampler()
+                synced.append(True)
+
+        result = update_policy(
             batch, self.update_settings, optimizer=self.optimizer,
             params=[p for p in self.model.parameters() if p.requires_grad],
             token_stats=partial(self.token_stats, batch), reference_logp=partial(self.reference_logp, batch),
-            sampler_stats=batch.recorded_stats,
-            before_optimizer_step=self.interrupts.hold, after_optimizer_step=self._sync_sampler,
+            sampler_stats=batch.recorded_stats, before_optimizer_step=before_optimizer_step,
+            after_optimizer_step=(lambda: None) if lagged else self._sync_sampler,
         )
+        if lagged and not synced:  # no optimizer step: the weights are still those the update started from
+            self.interrupts.hold()
+            self._sync_sampler()
+        return result
 
     def commit(self, counters: dict) -> int:
         """Make the step part of the run's progress (the checkpointed state); returns its number."""
@@ -314,6 +334,7 @@ class Trainer:
         cfg, alg = self.config, self.config.algorithm
         return UpdateSettings(
             loss=alg.loss, ratio_against=self.precision.ratio_against, updates_per_batch=alg.updates_per_batch,
+            mini_batches=alg.mini_batches,
             loss_kwargs=dict(max_len=cfg.sampling.max_new_tokens, group_size=cfg.sampling.samples_per_prompt,
                              **alg.loss_options),
             micro_batch_size=cfg.optim.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm,
@@ -366,10 +387,15 @@ class Trainer:
         ][:n])
 
     def evaluate(self, when: str) -> dict:
-        """Held-out greedy accuracy and pass@k, on an RNG of its own (training's stream is untouched)."""
+        """Held-out greedy accuracy and pass@k, on an RNG of its own (training's stream is untouched).
+
+        Of the current weights: the bf16 sampler copy when it is in step with the policy, the
+        policy itself under `sampler_lag` = 1 (the copy is one update behind).
+        """
         cfg = self.config
         samples = list(self.env.eval_set())[: cfg.run.eval_size]
-        policy = self.sampler if self.sampler is not None else self.model
+        current = self.sampler is not None and cfg.algorithm.sampler_lag == 0
+        policy = self.sampler if current else self.model
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # CPU and every GPU
             torch.manual_seed(cfg.run.seed + 1_000_003 * (self.progress.step + 1))
             results = evaluate(policy, self.tokenizer, self.env, samples, k=cfg.run.eval_samples,
@@ -382,8 +408,10 @@ class Trainer:
         return results
 
     def save(self, rng: dict | None = None) -> Path:
+        lagged = self.config.algorithm.sampler_lag == 1  # then the sampler's weights are state of their own
         return checkpoint.save(self.run_dir, self.progress.step, self.model, self.optimizer, self.scheduler,
-                               dataclasses.asdict(self.progress), keep=self.config.run.keep_checkpoints, rng=rng)
+                               dataclasses.asdict(self.progress), keep=self.config.run.keep_checkpoints, rng=rng,
+                               sampler=self.sampler if lagged else None)
 
 
 
@@ -438,8 +466,12 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
             collapse.load_state(progress.collapse)
         print(f"Resuming {run_dir} from step {progress.step}")
     sampler = None
-    if precision.bf16_sampling:
-        sampler = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+    if precision.bf16_sampling or alg.sampler_lag:
+        sampler = copy.deepcopy(model).eval().requires_grad_(False)
+        if precision.bf16_sampling:
+            sampler = sampler.to(torch.bfloat16)
+        if resume and alg.sampler_lag:  # one update behind the restored policy: its own weights
+            checkpoint.load_sampler(last, sampler)
     trainer = Trainer(config, run_dir, env, model, tokenizer, optimizer, scheduler, precision, reference, sampler,
                       progress, collapse=collapse)
     tensorboard, sinks = report_sinks(config.run.report_to, run_dir, to_dict(config))
