@@ -546,10 +546,12 @@ def groups_to_keep(rewards: torch.Tensor, group_size: int, dynamic_sampling: boo
 
 
 def reward_metrics(rewards: torch.Tensor, drawn: Sampled, group_size: int) -> dict:
-    """What the sampled groups earned: rewards, accuracy, mixed groups, lengths, truncation."""
+    """What the sampled groups earned: rewards, accuracy, mixed groups, lengths, truncation, and
+    `reward_<part>`, the mean of each part of the reward (`RewardResult.parts`, e.g. `reward_format`)
+    over all sampled rows; a row without that part (its grader raised) counts 0, as its score does."""
     grouped = rewards.view(-1, group_size)
     lengths = torch.tensor([e.model_tokens for e in drawn.episodes], dtype=torch.float32)
-    return {
+    metrics = {
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
         "accuracy": sum(r.correct for r in drawn.results) / len(drawn.results),
@@ -559,6 +561,12 @@ def reward_metrics(rewards: torch.Tensor, drawn: Sampled, group_size: int) -> di
         "reward_errors": drawn.errors,
         "sampling_rounds": drawn.rounds,
     }
+    for name in sorted({name for r in drawn.results for name in r.parts}):
+        key = f"reward_{name}"
+        if key in metrics or key == "reward_errors_total":
+            raise ValueError(f"the reward part {name!r} would be logged as {key}, a metric of its own: rename the part")
+        metrics[key] = sum(r.parts.get(name, 0.0) for r in drawn.results) / len(drawn.results)
+    return metrics
 
 
 def _peak_memory_mb() -> float:
