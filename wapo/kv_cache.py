@@ -1,13 +1,20 @@
-"""A KV cache for sampling that writes each step in place instead of copying the past.
+"""A KV cache for sampling that writes each step in place instead of copying the past, and
+that hands one row's past on to the next turn of a multi-turn episode.
 
 transformers' `DynamicLayer` concatenates each step's keys and values onto the past ones, so
 every decode step copies the whole cache (for 64 rows of SmolLM2-135M at 100 positions, ~300 MB
 per step in float32). `PreallocatedLayer` writes them into a buffer with room for the whole
-generation and hands the attention views of its filled part. Imported only when sampling
-(importing transformers takes seconds).
+generation and hands the attention views of its filled part.
+
+A multi-turn episode goes on after the environment's reply: `take_row` copies a finished
+row's keys and values without its padding (`RowCache`), and `fill_rows` writes such pasts
+into a new cache, so the next turn runs only the tokens after them. Imported only when
+sampling (importing transformers takes seconds).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -86,3 +93,49 @@ def preallocated_cache(config, capacity: int) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+@dataclass
+class RowCache:
+    """One row's keys and values for its first `length` tokens, padding left out.
+
+    layers: one (keys, values) pair per layer, each (kv_heads, length, head_dim), as the
+    attention stored them (rotary position of token j already applied: positions 0..length-1).
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[-2]
+
+
+def rows_can_be_taken(cache) -> bool:
+    """True when every layer holds all past positions (full attention), so a row's past can be
+    carried to another cache; sliding-window and linear-attention layers cannot."""
+    return all(type(layer) is PreallocatedLayer for layer in cache.layers)
+
+
+def take_row(cache, row: int, tokens: torch.Tensor) -> RowCache:
+    """A copy of batch row `row` of `cache` at its token positions.
+
+    tokens: (cache length,) bool, True at the row's tokens (its attention mask: False at padding).
+    """
+    return RowCache([(layer.keys[row][:, tokens], layer.values[row][:, tokens]) for layer in cache.layers])
+
+
+def fill_rows(cache, pasts: list[RowCache | None], width: int) -> None:
+    """Write each row's past, right-aligned, into the first `width` positions of the empty `cache`.
+
+    Row r holds `pasts[r]` at positions width - length .. width - 1 and zeros before it (a row
+    whose past is None holds zeros only): the caller masks those positions out of attention.
+    """
+    ref = next(p for p in pasts if p is not None)
+    for i, layer in enumerate(cache.layers):
+        keys, values = ref.layers[i]
+        keys = keys.new_zeros(len(pasts), keys.shape[0], width, keys.shape[-1])
+        values = values.new_zeros(len(pasts), values.shape[0], width, values.shape[-1])
+        for r, past in enumerate(pasts):
+            if past is not None:
+                keys[r, :, width - past.length:], values[r, :, width - past.length:] = past.layers[i]
+        layer.update(keys, values)

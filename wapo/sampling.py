@@ -22,12 +22,15 @@ What makes it fast on a CPU (measured by benchmarks/decode_speed.py):
 `rollout` plays episodes: single-turn environments are one `generate` call; multi-turn ones
 alternate model turns (ended by EOS, a stop string or the budget) with the environment's
 replies, which enter the context as tokens with mask 0 (they are not the policy's actions).
+A row's next turn starts from the keys and values its last turn left (`wapo.kv_cache.RowCache`)
+and runs only the reply and what follows, not its whole context again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,9 @@ import torch.nn.functional as F
 from wapo.envs.base import Environment, Sample
 from wapo.models import cache_argument
 from wapo.taxonomy import TokenStats, _fields_from_sums, _log_softmax_, _moments_
+
+if TYPE_CHECKING:
+    from wapo.kv_cache import RowCache
 
 DROP_FINISHED = 1 / 8
 """Finished rows leave the batch once they make up this fraction of it (a removal copies the cache)."""
@@ -73,6 +79,10 @@ class Generation:
     """Each row's taxonomy of its sampled tokens (fields shaped (len(tokens[i]),)), at the sampling
     temperature and of the untruncated distribution. Greedy decoding (temperature 0) records the
     limit T -> 0, a point mass on the argmax: logp 0, entropy 0, collision 1, peak, pred_* 0."""
+    pasts: list[RowCache | None] | None = None
+    """With `keep_past`: each row's cache when the row ended at a stop string (a tool call), covering
+    its prompt and all its tokens but the last (never run), else None; all None for a model whose
+    cache cannot hand rows on (`wapo.kv_cache.rows_can_be_taken`). Without `keep_past`: None."""
 
     @property
     def logprobs(self) -> list[list[float]]:
@@ -82,11 +92,14 @@ class Generation:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list[int] | int,
              temperature: float, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
-             generator: torch.Generator | None = None) -> Generation:
+             generator: torch.Generator | None = None, pasts: list[RowCache | None] | None = None,
+             keep_past: bool = False) -> Generation:
     """Sample continuations of token-id prompts; temperature 0 means greedy.
 
     Rows stop at EOS (kept as the last token), at a stop string (decoded text ends with it)
     or at their own `max_new_tokens`. The same `generator` state gives the same tokens.
+    pasts: per row, None or the cache of its prompt's first `length` tokens (a previous turn's
+    `Generation.pasts`): only the rest of that prompt is run. keep_past: fill `Generation.pasts`.
     """
     n = len(prompts)
     budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -94,12 +107,14 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list
     tokens = torch.zeros(n, steps, dtype=torch.long)
     sums = torch.zeros(4, n, steps)  # log p_s, H, C and Σ p² log p of each sampled token
     lengths, stopped = [0] * n, [False] * n
+    kept = [None] * n if keep_past else None
     was_training = model.training
     model.eval()
     try:
         if steps > 0:
             _decode(model, tokenizer, prompts, budgets, temperature=temperature, top_p=top_p, stop_strings=stop_strings,
-                    generator=generator, tokens=tokens, sums=sums, lengths=lengths, stopped=stopped)
+                    generator=generator, pasts=pasts, tokens=tokens, sums=sums, lengths=lengths, stopped=stopped,
+                    kept=kept)
     finally:
         model.train(was_training)
     stats = _fields_from_sums(*sums)
@@ -107,18 +122,23 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list
         tokens=[tokens[i, :k].tolist() for i, k in enumerate(lengths)], stopped=stopped,
         stats=[TokenStats(*(getattr(stats, f.name)[i, :k] for f in dataclasses.fields(TokenStats)))
                for i, k in enumerate(lengths)],
+        pasts=kept,
     )
 
 
-def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_strings, generator, tokens, sums,
-            lengths, stopped) -> None:
-    """`generate`'s decode loop: fills row i's `tokens[i]`, `sums[:, i]` (n, steps), `lengths[i]`, `stopped[i]`.
+def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_strings, generator, pasts, tokens, sums,
+            lengths, stopped, kept) -> None:
+    """`generate`'s decode loop: fills row i's `tokens[i]`, `sums[:, i]` (n, steps), `lengths[i]`, `stopped[i]`,
+    and, when `kept` is a list, `kept[i]` (`Generation.pasts`).
 
     All rows advance together, so step t writes column t. A finished row stays in the batch
     (its samples ignored) until `DROP_FINISHED` of the batch has finished; then the rows past
     the live count move into the finished rows' slots (`_fill_from_the_end`), so the cache
-    copies only them.
+    copies only them. A row that ends at a stop string is copied out of the cache (`kept`) at
+    that step, before any later step writes past its end.
     """
+    from wapo.kv_cache import rows_can_be_taken, take_row
+
     device = next(model.parameters()).device
     rows = torch.as_tensor([i for i, b in enumerate(budgets) if b > 0], dtype=torch.long)  # original index of each row
     budget = torch.as_tensor(budgets, dtype=torch.long)[rows]
@@ -126,7 +146,9 @@ def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_stri
     eos = torch.as_tensor(sorted(_eos_ids(model, tokenizer)))
     cache_arg = cache_argument(model)
     logits, cache, attention, positions = _prefill(model, [prompts[i] for i in rows], tokenizer.pad_token_id,
-                                                   capacity=tokens.shape[1])
+                                                   capacity=tokens.shape[1],
+                                                   pasts=pasts and [pasts[i] for i in rows])
+    keep = kept is not None and rows_can_be_taken(cache)
     scratch = torch.empty((2, *logits.shape), device=device)  # the sampler's (rows, V) buffers, reused
     for t in range(tokens.shape[1]):
         ids, step_sums = _sample(logits, temperature, top_p, generator, scratch[:, : len(logits)])
@@ -138,16 +160,19 @@ def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_stri
             for r in (live & ~ended).nonzero().flatten().tolist():
                 ended[r] = _ends_with_stop(tokenizer, tokens[rows[r], : t + 1].tolist(), stop_strings)
         finished = ended | (live & (budget <= t + 1))
+        by_stop = ended & ~torch.isin(ids_here, eos)
         for r in finished.nonzero().flatten().tolist():
             lengths[rows[r]], stopped[rows[r]] = t + 1, bool(ended[r])
+            if keep and by_stop[r]:
+                kept[rows[r]] = take_row(cache, r, attention[r].bool())
         live &= ~finished
         if not live.any():
             return
         if (~live).sum() >= max(1.0, DROP_FINISHED * len(live)):  # drop finished rows from the batch and cache
-            keep = _fill_from_the_end(live)
-            cache.batch_select_indices(keep.to(device))
-            rows, budget, live = rows[keep], budget[keep], live[keep]
-            ids, attention, positions = (x[keep.to(device)] for x in (ids, attention, positions))
+            staying = _fill_from_the_end(live)
+            cache.batch_select_indices(staying.to(device))
+            rows, budget, live = rows[staying], budget[staying], live[staying]
+            ids, attention, positions = (x[staying.to(device)] for x in (ids, attention, positions))
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
         positions = positions + 1
         out = model(input_ids=ids.unsqueeze(-1), attention_mask=attention, position_ids=positions,
@@ -166,28 +191,49 @@ def _fill_from_the_end(live: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def _prefill(model, prompts: list[list[int]], pad: int, *, capacity: int):
+def _prefill(model, prompts: list[list[int]], pad: int, *, capacity: int, pasts: list[RowCache | None] | None = None):
     """Run `prompts` (left-padded, explicit positions) and get ready to decode `capacity` tokens.
 
     Each distinct prompt is run once and its cache copied to the rows that share it (the G
-    samples of a problem). Returns the last position's logits (n, V), the cache, the attention
-    mask (n, width) and the last position ids (n, 1).
+    samples of a problem). A row with a past (the cache of its prompt's first `length` tokens)
+    runs only the rest: the pasts fill the first P positions, right-aligned, and the rest
+    follows left-padded, the padding on both sides masked out of attention; positions go on
+    from each row's past length. A row with a past of 3 tokens (k) and 2 to run (n), and one
+    without a past: [. k k k | . . n n] and [. . . . | n n n n].
+
+    Returns the last position's logits (n, V), the cache, the attention mask (n, P + width) and
+    the last position ids (n, 1).
     """
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
-    row_prompt = torch.as_tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-    width = max(map(len, distinct))
+    row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    first_row: dict[int, int] = {}
+    for row, u in enumerate(row_prompt):
+        first_row.setdefault(u, row)
+    held = [pasts[first_row[u]] if pasts else None for u in range(len(distinct))]
+    done = [0 if past is None else past.length for past in held]
+    rest = [p[d:] for p, d in zip(distinct, done)]
+    if not all(rest):
+        raise ValueError("a row's past covers its whole prompt: nothing is left to run for its next-token logits")
+    past_width, width = max(done), max(map(len, rest))
     input_ids = torch.full((len(distinct), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(distinct), width), dtype=torch.long)
-    for u, p in enumerate(distinct):
+    attention = torch.zeros((len(distinct), past_width + width), dtype=torch.long)
+    for u, (p, d) in enumerate(zip(rest, done)):
         input_ids[u, width - len(p):] = torch.as_tensor(p)
-        attention[u, width - len(p):] = 1
+        attention[u, past_width - d : past_width] = 1
+        attention[u, past_width + width - len(p):] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    positions = (torch.as_tensor(done, device=device)[:, None] + attention[:, past_width:].cumsum(-1) - 1).clamp(min=0)
+    cache = _new_cache(model, past_width + width + capacity)
+    if past_width:
+        from wapo.kv_cache import fill_rows
+
+        fill_rows(cache, held, past_width)
     cache_arg = cache_argument(model)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **{cache_arg: _new_cache(model, width + capacity)})
+                logits_to_keep=1, **{cache_arg: cache})
     cache = getattr(out, cache_arg)
+    row_prompt = torch.as_tensor(row_prompt, device=device)
     if len(distinct) < len(prompts):
         cache.batch_select_indices(row_prompt)
     return out.logits[row_prompt, -1], cache, attention[row_prompt], positions[row_prompt, -1:]
@@ -304,11 +350,17 @@ def prompt_ids(tokenizer, env: Environment, sample: Sample) -> list[int]:
 
 def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, samples_per_prompt: int,
             max_new_tokens: int, temperature: float, top_p: float = 1.0, max_observation_tokens: int = 256,
-            generator: torch.Generator | None = None) -> list[Episode]:
-    """`samples_per_prompt` episodes per sample, rows of one sample adjacent (one group)."""
+            generator: torch.Generator | None = None, keep_cache: bool = True) -> list[Episode]:
+    """`samples_per_prompt` episodes per sample, rows of one sample adjacent (one group).
+
+    keep_cache: each turn after the first runs only the tokens after the row's kept cache (its
+    last sampled token and the environment's reply); False runs the whole context again each
+    turn. Both give the same tokens and numbers up to float rounding (tests/test_kv_reuse.py).
+    """
     rows = [s for s in samples for _ in range(samples_per_prompt)]
     episodes = [Episode(prompt_ids=prompt_ids(tokenizer, env, s)) for s in rows]
     active = list(range(len(episodes)))
+    pasts: dict[int, RowCache] = {}  # episode -> the cache of its context but the last token
     eos = _eos_ids(model, tokenizer)
     turns = max(env.max_turns, 1)
     for turn in range(turns):
@@ -318,7 +370,9 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             model, tokenizer, [episodes[i].prompt_ids + episodes[i].completion_ids for i in active],
             max_new_tokens=[max_new_tokens - episodes[i].model_tokens for i in active],
             temperature=temperature, top_p=top_p, stop_strings=env.stop_strings, generator=generator,
+            pasts=[pasts.get(i) for i in active], keep_past=keep_cache and turn < turns - 1,
         )
+        kept = dict(zip(active, gen.pasts or [None] * len(active)))
         still_active, calls = [], []
         for row, i in enumerate(active):
             ep = episodes[i]
@@ -350,6 +404,7 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             ep.finished = False  # the model still has to answer
             still_active.append(i)
         active = still_active
+        pasts = {i: kept[i] for i in active if kept[i] is not None}
     for ep in episodes:
         ep.text = tokenizer.decode(ep.completion_ids, skip_special_tokens=True)
     return episodes

@@ -461,6 +461,7 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
             raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints to resume from (the run stopped "
                                     f"before its first step): start it again with --output-dir {run_dir} --overwrite")
         fields = checkpoint.load(last, model, optimizer, scheduler)
+        _resume_schedule(scheduler, config)
         progress = Progress(**{k: fields[k] for k in dataclasses.asdict(progress) if k in fields})
         if progress.collapse:
             collapse.load_state(progress.collapse)
@@ -562,6 +563,29 @@ def _schedule(config: TrainConfig):
     return factor
 
 
+def _resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, config: TrainConfig) -> None:
+    """Go on with the schedule `config` describes, from a just-loaded checkpoint's step on.
+
+    The checkpoint holds the rate its run had planned for the next step; a resume whose `lr`,
+    `steps`, `warmup_steps` or `schedule` differ trains every later step t at lr · factor(t) of
+    the new settings (a longer `--steps` stretches a decaying schedule: the rate rises again),
+    warns with both rates, and leaves the rates of the steps already taken as they were. With
+    the same settings this changes nothing: the rate is computed as the scheduler computes it.
+    """
+    step, planned = scheduler.last_epoch, scheduler.get_last_lr()
+    scheduler.base_lrs = [config.optim.lr] * len(scheduler.base_lrs)
+    rates = [base * _schedule(config)(step) for base in scheduler.base_lrs]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["initial_lr"], group["lr"] = config.optim.lr, rate
+    scheduler._last_lr = rates  # what get_last_lr() reports for the next step
+    if rates != planned:
+        o = config.optim
+        warnings.warn(f"resumed with other learning-rate settings (now lr {o.lr:g}, {o.schedule} schedule over "
+                      f"{config.run.steps} steps, {o.warmup_steps} warm-up): step {step + 1} trains at lr "
+                      f"{rates[0]:.4g} where the checkpoint planned {planned[0]:.4g}; steps 1-{step} keep the "
+                      f"rates they used", stacklevel=2)
+
+
 # ----------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------
@@ -578,10 +602,12 @@ def groups_to_keep(rewards: torch.Tensor, group_size: int, dynamic_sampling: boo
 
 
 def reward_metrics(rewards: torch.Tensor, drawn: Sampled, group_size: int) -> dict:
-    """What the sampled groups earned: rewards, accuracy, mixed groups, lengths, truncation."""
+    """What the sampled groups earned: rewards, accuracy, mixed groups, lengths, truncation, and
+    `reward_<part>`, the mean of each part of the reward (`RewardResult.parts`, e.g. `reward_format`)
+    over all sampled rows; a row without that part (its grader raised) counts 0, as its score does."""
     grouped = rewards.view(-1, group_size)
     lengths = torch.tensor([e.model_tokens for e in drawn.episodes], dtype=torch.float32)
-    return {
+    metrics = {
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
         "accuracy": sum(r.correct for r in drawn.results) / len(drawn.results),
@@ -591,6 +617,12 @@ def reward_metrics(rewards: torch.Tensor, drawn: Sampled, group_size: int) -> di
         "reward_errors": drawn.errors,
         "sampling_rounds": drawn.rounds,
     }
+    for name in sorted({name for r in drawn.results for name in r.parts}):
+        key = f"reward_{name}"
+        if key in metrics or key == "reward_errors_total":
+            raise ValueError(f"the reward part {name!r} would be logged as {key}, a metric of its own: rename the part")
+        metrics[key] = sum(r.parts.get(name, 0.0) for r in drawn.results) / len(drawn.results)
+    return metrics
 
 
 def _peak_memory_mb() -> float:

@@ -1,0 +1,149 @@
+"""Multi-turn rollouts that keep each row's KV cache across turns equal those that re-run the context.
+
+`rollout(keep_cache=True)` runs, at each turn after the first, only the row's last sampled
+token and the environment's reply on the keys and values its previous turn left;
+`keep_cache=False` runs the whole context again. Same tokens, same recorded numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from wapo.envs.base import Environment, RewardResult
+from wapo.kv_cache import RowCache, fill_rows, preallocated_cache, take_row
+from wapo.models import cache_argument, load_tokenizer
+from wapo.sampling import generate, rollout
+from wapo.taxonomy import TokenStats
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny Llama at weight std 0.2: its next token depends on the context (as in test_sampling)."""
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), load_tokenizer(tiny_model_dir)
+
+
+@dataclass
+class ToolEnv(Environment):
+    """A turn that ends in "?", "=" or "<" is a tool call; the reply's length depends on the text so far,
+    so rows go on with replies of different lengths (padding between a row's past and its new tokens)."""
+
+    max_turns: int = field(default=3, init=False)
+    stop_strings: tuple[str, ...] = field(default=("?", "=", "<"), init=False)
+
+    def prompt(self, sample):
+        return [{"role": "user", "content": sample["question"]}]
+
+    def reward(self, sample, completion):
+        return RewardResult(0.0, False)
+
+    def observe(self, sample, completion):
+        return "\n:" + "x" * (len(completion) % 5) + ".\n"
+
+
+SAMPLES = [{"question": "what is 2"}, {"question": "hello there"}, {"question": "ab"}]
+
+
+class PrefillWidths:
+    """Records the width of every forward that runs more than one token (a prefill)."""
+
+    def __init__(self, model):
+        self.widths = []
+        self.handle = model.get_input_embeddings().register_forward_hook(self.record)
+
+    def record(self, module, inputs, output):
+        if inputs[0].shape[-1] > 1:
+            self.widths.append(inputs[0].shape[-1])
+
+
+def _both(model, tok, **kw):
+    out = {}
+    for keep in (True, False):
+        spy = PrefillWidths(model)
+        generator = torch.Generator().manual_seed(7)
+        out[keep] = rollout(model, tok, ToolEnv(), SAMPLES, samples_per_prompt=3, max_observation_tokens=6,
+                            generator=generator, keep_cache=keep, **kw), spy.widths
+        spy.handle.remove()
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_keeping_the_cache_gives_the_episodes_of_running_the_whole_context(tiny, temperature):
+    model, tok = tiny
+    (kept, kept_widths), (rerun, rerun_widths) = _both(model, tok, max_new_tokens=24, temperature=temperature).values()
+    # the case is exercised: replies and turns of different lengths; sampled, some rows end after 2 turns
+    assert len({e.completion_mask.count(False) for e in kept}) > 1 and len({e.model_tokens for e in kept}) > 1
+    assert temperature == 0 or {e.turns for e in kept} == {2, 3}
+    for a, b in zip(kept, rerun, strict=True):
+        assert a.completion_ids == b.completion_ids
+        assert (a.completion_mask, a.turns, a.finished, a.text) == (b.completion_mask, b.turns, b.finished, b.text)
+        torch.testing.assert_close(torch.tensor(a.behaviour_logprobs), torch.tensor(b.behaviour_logprobs),
+                                   rtol=0, atol=1e-5)
+        for f in dataclasses.fields(TokenStats):
+            torch.testing.assert_close(getattr(a.behaviour_stats, f.name), getattr(b.behaviour_stats, f.name),
+                                       rtol=0, atol=1e-5)
+    # ... and the cache was kept: later turns ran only the last token and the reply (≤ 1 + 6 tokens)
+    prompt_width = max(len(e.prompt_ids) for e in kept)
+    assert kept_widths[0] == rerun_widths[0] == prompt_width
+    assert len(kept_widths) == len(rerun_widths) > 1
+    assert max(kept_widths[1:]) <= 7 and min(rerun_widths[1:]) > prompt_width
+
+
+def test_a_kept_row_holds_its_context_without_padding_and_refills_in_place(tiny):
+    model, tok = tiny
+    short, long = tok.encode("ab", add_special_tokens=False), tok.encode("hello there", add_special_tokens=False)
+    cache = preallocated_cache(model.config, 16)
+    ids = torch.tensor([[0] * (len(long) - len(short)) + short, long])
+    mask = (torch.arange(len(long)) >= len(long) - len(short)).long()
+    attention = torch.stack([mask, torch.ones(len(long), dtype=torch.long)])
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
+          **{cache_argument(model): cache})
+    row = take_row(cache, 0, attention[0].bool())
+    assert isinstance(row, RowCache) and row.length == len(short)
+    torch.testing.assert_close(row.layers[1][0], cache.layers[1].keys[0][:, -len(short):], rtol=0, atol=0)
+    # refilled right-aligned into width 5: zeros before it
+    refilled = preallocated_cache(model.config, 16)
+    fill_rows(refilled, [row, None], 5)
+    keys = refilled.layers[1].keys
+    assert keys.shape[:3] == (2, model.config.num_key_value_heads, 5)
+    assert keys[0, :, : 5 - len(short)].eq(0).all() and keys[1].eq(0).all()
+    torch.testing.assert_close(keys[0, :, 5 - len(short):], row.layers[1][0], rtol=0, atol=0)
+
+
+def test_generate_keeps_the_cache_of_rows_ended_by_a_stop_string_only(tiny):
+    model, tok = tiny
+    prompts = [tok.encode(q, add_special_tokens=False) for q in ("Q:what is 2\nA:", "Q:hello there\nA:")]
+    # greedy: row 0 writes "FFFFFi?" (stop string "?"), row 1 "<<<<oPPL9W" (the budget of 10)
+    gen = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, stop_strings=("?",), keep_past=True)
+    assert tok.decode(gen.tokens[0]) == "FFFFFi?" and gen.pasts[1] is None
+    assert gen.pasts[0].length == len(prompts[0]) + 6  # the prompt and all tokens but the last ("?", never run)
+    assert generate(model, tok, prompts, max_new_tokens=2, temperature=0.0).pasts is None  # nothing kept unless asked
+
+
+@pytest.mark.parametrize("family", ["Qwen2Config", "Gemma2Config"])
+def test_other_families_give_the_same_episodes_either_way(save_tiny_model, family):
+    """Qwen2 (biases on q, k, v) keeps its cache; Gemma2's sliding-window layers hold only their
+    window, so its rows cannot be handed on and each turn runs the whole context: same episodes."""
+    import transformers
+
+    from wapo.kv_cache import rows_can_be_taken
+
+    extra = {"head_dim": 8} if family == "Gemma2Config" else {}
+    path = save_tiny_model(getattr(transformers, family), initializer_range=0.2, **extra)
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    (kept, kept_widths), (rerun, _) = _both(model, tok, max_new_tokens=16, temperature=1.0).values()
+    assert [e.completion_ids for e in kept] == [e.completion_ids for e in rerun]
+    assert [e.turns for e in kept] == [e.turns for e in rerun] and max(e.turns for e in kept) > 1
+    torch.testing.assert_close(torch.tensor(sum((e.behaviour_logprobs for e in kept), [])),
+                               torch.tensor(sum((e.behaviour_logprobs for e in rerun), [])), rtol=0, atol=1e-5)
+    can_keep = rows_can_be_taken(preallocated_cache(model.config, 4))
+    assert can_keep == (family == "Qwen2Config")
+    assert (max(kept_widths[1:]) <= 7) == can_keep  # later turns ran only the new tokens, or everything
