@@ -1,14 +1,15 @@
 """Held-out accuracy of the default run in bfloat16 against float32, over seeds, side by side.
 
-Reads finished study cells (`wapo compare` run folders): the bfloat16 runs are the
-`loss=wapo,lr=2e-05,seed=S` cells of examples/study_math.toml (bf16 autocast and sampler on by
-`auto` on a CPU with native bf16 matmuls; `precision.json` in each run says what it used), the
-float32 runs the cells of examples/study_precision.toml. Prints, per precision, the "after"
+Reads finished study cells (`wapo compare` run folders), `loss=wapo,lr=2e-05,seed=S` in both:
+the bfloat16 runs of examples/study_precision_bf16.toml (bf16 autocast and sampler on by `auto`
+on a CPU with native bf16 matmuls; `precision.json` in each run says what it used; the same
+cells of examples/study_math.toml do as well), the float32 runs of
+examples/study_precision.toml. Prints, per precision, the "after"
 evaluation's greedy accuracy, pass@k and sampled accuracy per seed and as mean ± std, the
 seconds per training step, and the differences of the means with the noise they are read
 against (the standard error of the difference over seeds).
 
-    python benchmarks/bf16_accuracy.py studies/math studies/precision
+    python benchmarks/bf16_accuracy.py studies/precision_bf16 studies/precision
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def mean_std(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bf16_study", type=Path, help="output dir of examples/study_math.toml")
+    ap.add_argument("bf16_study", type=Path, help="output dir of examples/study_precision_bf16.toml")
     ap.add_argument("fp32_study", type=Path, help="output dir of examples/study_precision.toml")
     args = ap.parse_args()
     arms = {"bfloat16": collect(args.bf16_study), "float32": collect(args.fp32_study)}
