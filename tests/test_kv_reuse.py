@@ -122,7 +122,8 @@ def test_generate_keeps_the_cache_of_rows_ended_by_a_stop_string_only(tiny):
     model, tok = tiny
     prompts = [tok.encode(q, add_special_tokens=False) for q in ("Q:what is 2\nA:", "Q:hello there\nA:")]
     # greedy: row 0 writes "FFFFFi?" (stop string "?"), row 1 "<<<<oPPL9W" (the budget of 10)
-    gen = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, stop_strings=("?",), keep_past=True)
+    gen = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, stop_strings=("?",),
+                   keep_past_at=("?",))
     assert tok.decode(gen.tokens[0]) == "FFFFFi?" and gen.pasts[1] is None
     assert gen.pasts[0].length == len(prompts[0]) + 6  # the prompt and all tokens but the last ("?", never run)
     assert generate(model, tok, prompts, max_new_tokens=2, temperature=0.0).pasts is None  # nothing kept unless asked
@@ -147,3 +148,70 @@ def test_other_families_give_the_same_episodes_either_way(save_tiny_model, famil
     can_keep = rows_can_be_taken(preallocated_cache(model.config, 4))
     assert can_keep == (family == "Qwen2Config")
     assert (max(kept_widths[1:]) <= 7) == can_keep  # later turns ran only the new tokens, or everything
+
+
+def test_generate_keeps_no_cache_for_a_row_that_cannot_go_on(tiny):
+    model, tok = tiny
+    prompts = [tok.encode(q, add_special_tokens=False) for q in ("Q:what is 2\nA:", "Q:hello there\nA:")]
+    # greedy as above: row 1 ends at "<" (its first token), an answer here; row 0 at "?" after 7 tokens
+    gen = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, stop_strings=("?", "<"),
+                   keep_past_at=("?",))
+    assert [tok.decode(t) for t in gen.tokens] == ["FFFFFi?", "<"] and gen.stopped == [True, True]
+    assert gen.pasts[0].length == len(prompts[0]) + 6 and gen.pasts[1] is None
+    # a budget of 7: row 0's "?" is its last allowed token, so no turn can follow and nothing is kept
+    gen = generate(model, tok, prompts, max_new_tokens=7, temperature=0.0, stop_strings=("?",), keep_past_at=("?",))
+    assert tok.decode(gen.tokens[0]) == "FFFFFi?" and gen.stopped[0] and gen.pasts == [None, None]
+
+
+@dataclass
+class AnswerEnv(ToolEnv):
+    """`ToolEnv` where "=" gives the answer: the episode ends there (no reply), as `</answer>` does in multihop."""
+
+    final_stop_strings: tuple[str, ...] = field(default=("=",), init=False)
+
+    def observe(self, sample, completion):
+        return None if completion.endswith("=") else super().observe(sample, completion)
+
+
+def test_a_kept_past_lives_until_the_next_prefill_and_only_rows_that_go_on_keep_one(tiny, monkeypatch):
+    import weakref
+
+    import wapo.kv_cache as kv_cache
+    import wapo.sampling as sampling
+
+    model, tok = tiny
+    real_take, real_prefill = kv_cache.take_row, sampling._prefill
+    taken = []  # per kept past: the generate call (its prefill's number) it was taken in, weak refs to its tensors
+    prefills, alive_bytes = [], []
+
+    def take_row(cache, row, tokens):
+        past = real_take(cache, row, tokens)
+        taken.append((len(prefills), [weakref.ref(t) for pair in past.layers for t in pair]))
+        return past
+
+    def prefill(*args, **kwargs):
+        prefills.append(True)
+        return real_prefill(*args, **kwargs)
+
+    def at_each_forward(module, inputs, output):
+        if inputs[0].shape[-1] == 1:  # a decode step: what pasts of earlier turns are still alive?
+            alive_bytes.append(sum(t().numel() * t().element_size() for call, refs in taken if call < len(prefills)
+                                   for t in refs if t() is not None))
+
+    monkeypatch.setattr(kv_cache, "take_row", take_row)
+    monkeypatch.setattr(sampling, "_prefill", prefill)
+    handle = model.get_input_embeddings().register_forward_hook(at_each_forward)
+    try:
+        episodes = rollout(model, tok, AnswerEnv(), SAMPLES, samples_per_prompt=3, max_new_tokens=24,
+                           temperature=1.0, max_observation_tokens=6, generator=torch.Generator().manual_seed(7))
+    finally:
+        handle.remove()
+    # the case is exercised: episodes of 1, 2 and 3 turns; some answered ("=") before their last turn
+    assert {e.turns for e in episodes} == {1, 2, 3} and len(prefills) == 3
+    assert [e for e in episodes if e.text.endswith("=") and e.turns < 3]
+    # a past is taken only for a turn the row goes on from: each episode's turns but its last (7 here;
+    # 13 when answers and rows out of budget kept theirs too)
+    assert len(taken) == sum(e.turns - 1 for e in episodes) > 0
+    # ... and once the next turn's prefill has copied it into the new cache, nothing holds it: 0 bytes
+    # of earlier turns' pasts are alive at any decode step (41 kB at a turn-2 step when they were held)
+    assert len(alive_bytes) > 0 and max(alive_bytes) == 0
