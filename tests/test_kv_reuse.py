@@ -8,6 +8,7 @@ token and the environment's reply on the keys and values its previous turn left;
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
@@ -64,20 +65,25 @@ class PrefillWidths:
 
 
 def _both(model, tok, **kw):
+    """Both rollouts: per `keep_cache`, the episodes, the prefills' widths and the warnings' texts."""
     out = {}
     for keep in (True, False):
         spy = PrefillWidths(model)
         generator = torch.Generator().manual_seed(7)
-        out[keep] = rollout(model, tok, ToolEnv(), SAMPLES, samples_per_prompt=3, max_observation_tokens=6,
-                            generator=generator, keep_cache=keep, **kw), spy.widths
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            episodes = rollout(model, tok, ToolEnv(), SAMPLES, samples_per_prompt=3, max_observation_tokens=6,
+                               generator=generator, keep_cache=keep, **kw)
         spy.handle.remove()
+        out[keep] = episodes, spy.widths, [str(w.message) for w in caught]
     return out
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_keeping_the_cache_gives_the_episodes_of_running_the_whole_context(tiny, temperature):
     model, tok = tiny
-    (kept, kept_widths), (rerun, rerun_widths) = _both(model, tok, max_new_tokens=24, temperature=temperature).values()
+    (kept, kept_widths, _), (rerun, rerun_widths, _) = _both(model, tok, max_new_tokens=24,
+                                                             temperature=temperature).values()
     # the case is exercised: replies and turns of different lengths; sampled, some rows end after 2 turns
     assert len({e.completion_mask.count(False) for e in kept}) > 1 and len({e.model_tokens for e in kept}) > 1
     assert temperature == 0 or {e.turns for e in kept} == {2, 3}
@@ -118,6 +124,34 @@ def test_a_kept_row_holds_its_context_without_padding_and_refills_in_place(tiny)
     torch.testing.assert_close(keys[0, :, 5 - len(short):], row.layers[1][0], rtol=0, atol=0)
 
 
+def test_taking_a_row_finds_its_positions_once_for_all_layers(tiny):
+    """A boolean mask as index makes each layer look for the True positions again (on a GPU, a
+    wait for the device per layer): `take_row` finds them once (one `nonzero`) and selects them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[str(func)] = self.counts.get(str(func), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    model, _ = tiny
+    cache = preallocated_cache(model.config, 4)
+    attention = torch.tensor([[0, 1, 1, 0, 1]])
+    model(input_ids=torch.tensor([[5, 6, 7, 8, 9]]), attention_mask=attention, position_ids=torch.tensor([[0, 0, 1, 2, 2]]),
+          use_cache=True, **{cache_argument(model): cache})
+    with CountOps() as ops:
+        row = take_row(cache, 0, attention[0].bool())
+    assert ops.counts.get("aten.nonzero.default") == 1 and "aten.index.Tensor" not in ops.counts
+    assert len(cache.layers) == 2 and ops.counts["aten.index_select.default"] == 2 * 2  # keys and values per layer
+    for layer, (keys, values) in zip(cache.layers, row.layers, strict=True):
+        torch.testing.assert_close(keys, layer.keys[0][:, [1, 2, 4]], rtol=0, atol=0)
+        torch.testing.assert_close(values, layer.values[0][:, [1, 2, 4]], rtol=0, atol=0)
+
+
 def test_generate_keeps_the_cache_of_rows_ended_by_a_stop_string_only(tiny):
     model, tok = tiny
     prompts = [tok.encode(q, add_special_tokens=False) for q in ("Q:what is 2\nA:", "Q:hello there\nA:")]
@@ -140,7 +174,8 @@ def test_other_families_give_the_same_episodes_either_way(save_tiny_model, famil
     extra = {"head_dim": 8} if family == "Gemma2Config" else {}
     path = save_tiny_model(getattr(transformers, family), initializer_range=0.2, **extra)
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
-    (kept, kept_widths), (rerun, _) = _both(model, tok, max_new_tokens=16, temperature=1.0).values()
+    (kept, kept_widths, kept_warnings), (rerun, _, rerun_warnings) = _both(model, tok, max_new_tokens=16,
+                                                                           temperature=1.0).values()
     assert [e.completion_ids for e in kept] == [e.completion_ids for e in rerun]
     assert [e.turns for e in kept] == [e.turns for e in rerun] and max(e.turns for e in kept) > 1
     torch.testing.assert_close(torch.tensor(sum((e.behaviour_logprobs for e in kept), [])),
@@ -148,6 +183,10 @@ def test_other_families_give_the_same_episodes_either_way(save_tiny_model, famil
     can_keep = rows_can_be_taken(preallocated_cache(model.config, 4))
     assert can_keep == (family == "Qwen2Config")
     assert (max(kept_widths[1:]) <= 7) == can_keep  # later turns ran only the new tokens, or everything
+    # ... and a model that cannot keep its cache says so, at each generate call asked to keep one (turns 1
+    # and 2 of 3; Python's default filter shows it once per process)
+    reuse_off = [m.split(" has ")[0] for m in kept_warnings if "no KV cache reuse" in m]
+    assert reuse_off == ([] if can_keep else ["Gemma2ForCausalLM"] * 2) and not rerun_warnings
 
 
 def test_generate_keeps_no_cache_for_a_row_that_cannot_go_on(tiny):
