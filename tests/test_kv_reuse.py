@@ -254,3 +254,29 @@ def test_a_kept_past_lives_until_the_next_prefill_and_only_rows_that_go_on_keep_
     # ... and once the next turn's prefill has copied it into the new cache, nothing holds it: 0 bytes
     # of earlier turns' pasts are alive at any decode step (41 kB at a turn-2 step when they were held)
     assert len(alive_bytes) > 0 and max(alive_bytes) == 0
+
+
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_the_kept_cache_rollout_records_what_the_trainer_recomputes(tiny, share_prompts):
+    """μ and the taxonomy recorded while sampling with kept caches (left-padded prompts of three
+    lengths, replies of different lengths, rows ending in turns 1, 2 and 3) equal the trainer's
+    pass over the whole episodes (`row_token_stats`, as `Trainer.token_stats` calls it)."""
+    from wapo.batch import RolloutBatch, row_token_stats
+
+    model, tok = tiny
+    episodes = rollout(model, tok, AnswerEnv(), SAMPLES, samples_per_prompt=3, max_new_tokens=24, temperature=0.7,
+                       max_observation_tokens=6, generator=torch.Generator().manual_seed(7), keep_cache=True)
+    assert {e.turns for e in episodes} == {1, 2, 3} and len({len(e.prompt_ids) for e in episodes}) == 3
+    batch = RolloutBatch.from_episodes(episodes, torch.zeros(len(episodes)))
+    assert sum(e.completion_mask.count(False) for e in episodes) > 0  # replies inside rows, masked out
+    with torch.no_grad():
+        stats = row_token_stats(model, batch, list(range(len(batch))), temperature=0.7, chunk_size=64,
+                                share_prompts=share_prompts)
+    m = batch.mask
+    torch.testing.assert_close(stats.logp[m], batch.old_logprobs[m], rtol=0, atol=1e-5)
+    for f in dataclasses.fields(TokenStats):
+        recomputed, recorded = getattr(stats, f.name)[m], getattr(batch.sampler_stats, f.name)[m]
+        if f.name == "is_peak":
+            assert torch.equal(recomputed, recorded)
+        else:
+            torch.testing.assert_close(recomputed, recorded, rtol=0, atol=1e-5)
