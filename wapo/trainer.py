@@ -249,6 +249,7 @@ class Trainer:
                                max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                max_observation_tokens=s.max_observation_tokens)
             scores = score_episodes(self.env, samples, episodes, g)
+            check_reward_parts(scores.results)  # a bad name fails here, before any optimizer step
             self._record_reward_errors(scores)
             drawn.samples += samples
             drawn.episodes += episodes
@@ -601,10 +602,27 @@ def groups_to_keep(rewards: torch.Tensor, group_size: int, dynamic_sampling: boo
     return rows[mixed][:groups].flatten()
 
 
+REWARD_KEYS = ("reward_mean", "reward_std", "reward_errors", "reward_errors_total")
+"""The logged metrics named `reward_*` (`reward_metrics`, `Trainer.totals`): no reward part may be logged as one."""
+
+
+def check_reward_parts(results) -> None:
+    """Refuse reward parts (`RewardResult.parts`) whose `reward_<part>` key is one of `REWARD_KEYS`.
+
+    `sample_and_score` calls it as soon as a batch is graded, so a bad name stops the run before
+    any optimizer step, not after an update that no checkpoint would hold.
+    """
+    for name in sorted({name for r in results for name in r.parts}):
+        if f"reward_{name}" in REWARD_KEYS:
+            raise ValueError(f"the reward part {name!r} would be logged as reward_{name}, a metric of its own: "
+                             f"rename the part")
+
+
 def reward_metrics(rewards: torch.Tensor, drawn: Sampled, group_size: int) -> dict:
     """What the sampled groups earned: rewards, accuracy, mixed groups, lengths, truncation, and
     `reward_<part>`, the mean of each part of the reward (`RewardResult.parts`, e.g. `reward_format`)
     over all sampled rows; a row without that part (its grader raised) counts 0, as its score does."""
+    check_reward_parts(drawn.results)
     grouped = rewards.view(-1, group_size)
     lengths = torch.tensor([e.model_tokens for e in drawn.episodes], dtype=torch.float32)
     metrics = {
@@ -618,10 +636,7 @@ def reward_metrics(rewards: torch.Tensor, drawn: Sampled, group_size: int) -> di
         "sampling_rounds": drawn.rounds,
     }
     for name in sorted({name for r in drawn.results for name in r.parts}):
-        key = f"reward_{name}"
-        if key in metrics or key == "reward_errors_total":
-            raise ValueError(f"the reward part {name!r} would be logged as {key}, a metric of its own: rename the part")
-        metrics[key] = sum(r.parts.get(name, 0.0) for r in drawn.results) / len(drawn.results)
+        metrics[f"reward_{name}"] = sum(r.parts.get(name, 0.0) for r in drawn.results) / len(drawn.results)
     return metrics
 
 
