@@ -322,10 +322,10 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def _stop_string_at_end(tokenizer, ids: list[int], stop_strings: tuple[str, ...]) -> str | None:
-    """The first of `stop_strings` that the decoded `ids` end with, or None."""
+    """The longest of `stop_strings` that the decoded `ids` end with (the most specific), or None."""
     # a token covers at least one character, so this many tokens cover the longest stop string
     tail = tokenizer.decode(ids[-max(map(len, stop_strings)):], skip_special_tokens=True)
-    return next((s for s in stop_strings if tail.endswith(s)), None)
+    return max((s for s in stop_strings if tail.endswith(s)), key=len, default=None)
 
 
 def _concat_stats(first: TokenStats | None, then: TokenStats) -> TokenStats:
