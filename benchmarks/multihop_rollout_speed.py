@@ -11,7 +11,9 @@ interleaved within each of `--repeats` repeats, so load from other processes hit
 each prints the median seconds per rollout, model tokens per second, and where the time went:
 `prefill` (the forward pass over each turn's prompts, `wapo.sampling._prefill`), `decode` (the
 rest of `generate`: one token per step) and `env` (the environment's searches). Both variants
-sample the same tokens (checked here: the script stops if they differ). A model that never
+sample the same tokens up to float rounding: a rare near-tie can flip a draw, after which that
+episode goes its own way, so the last line counts the tokens that differ (0 expected) instead
+of stopping. A model that never
 calls the tool (the built-in one) has no second turn, so there is nothing to keep: use an SFT
 model (`wapo sft`).
 """
@@ -64,6 +66,7 @@ def main() -> None:
     sampling._prefill = timed(prefill, "prefill")
     env.observe_batch = timed(env.observe_batch, "env")
     runs = {"keep_cache": [], "rerun": []}
+    differing, total = 0, 0  # completion tokens of keep_cache that rerun did not sample at the same place
     for _ in range(args.repeats):
         tokens = {}
         for name in runs:
@@ -76,8 +79,9 @@ def main() -> None:
             tokens[name] = [e.completion_ids for e in episodes]
             runs[name].append({"seconds": seconds, "model_tokens": sum(e.model_tokens for e in episodes),
                                "turns": sum(e.turns for e in episodes), **clock})
-        if tokens["keep_cache"] != tokens["rerun"]:
-            raise SystemExit("the two variants sampled different tokens")
+        for a, b in zip(tokens["keep_cache"], tokens["rerun"], strict=True):
+            differing += sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+            total += max(len(a), len(b))
     print(f"{args.prompts} prompts x {args.samples} samples, median of {args.repeats} ({args.model})")
     print(f"{'variant':<11} {'s/rollout':>9} {'tok/s':>6} {'prefill s':>9} {'prefill tok':>11} {'decode s':>8} "
           f"{'env s':>6} {'turns':>5}")
@@ -87,6 +91,8 @@ def main() -> None:
         print(f"{name:<11} {median['seconds']:>9.2f} {median['model_tokens'] / median['seconds']:>6.1f} "
               f"{median['prefill']:>9.2f} {median['prefill_tokens']:>11.0f} {decode:>8.2f} {median['env']:>6.2f} "
               f"{median['turns']:>5.0f}")
+    print(f"tokens that differ between the variants: {differing} of {total}"
+          + ("" if differing == 0 else " (a rounding flip: the timings compare different episodes)"))
 
 
 if __name__ == "__main__":

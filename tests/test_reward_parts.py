@@ -11,7 +11,7 @@ import torch
 from wapo import config as cfg
 from wapo.envs.base import ENVIRONMENTS, RewardResult
 from wapo.sampling import Episode
-from wapo.trainer import Sampled, build_trainer, reward_metrics
+from wapo.trainer import REWARD_KEYS, Progress, Sampled, Trainer, build_trainer, reward_metrics
 
 
 def _sampled(results: list[RewardResult]) -> Sampled:
@@ -45,6 +45,13 @@ def test_a_part_named_like_a_reward_metric_is_refused(name):
         reward_metrics(torch.tensor([1.0, 0.0]), _sampled(results), group_size=2)
 
 
+def test_the_refused_names_are_the_logged_reward_metrics():
+    results = [RewardResult(1.0, True), RewardResult(0.0, False)]
+    logged = {**reward_metrics(torch.tensor([1.0, 0.0]), _sampled(results), group_size=2),
+              **Trainer.totals(type("T", (), {"progress": Progress()})())}
+    assert {k for k in logged if k.startswith("reward_")} == set(REWARD_KEYS)
+
+
 def _register_parts_env():
     if "test_parts" in ENVIRONMENTS:
         return
@@ -59,6 +66,33 @@ def _register_parts_env():
                                 parts={"answer": result.score, "format": 0.25})
 
     ENVIRONMENTS.register("test_parts")(PartsEnv)
+
+
+def test_a_part_named_like_a_metric_stops_the_run_before_any_optimizer_step(tiny_model_dir, tmp_path):
+    if "test_bad_part" not in ENVIRONMENTS:
+        @dataclass
+        class BadPartEnv(ENVIRONMENTS["test_digit"]):
+            """A reward that differs between completions (so an update would move the weights), as part "mean"."""
+
+            def reward(self, sample, completion):
+                score = float(sum(map(ord, completion)) % 2)
+                return RewardResult(score, score == 1.0, parts={"mean": score})
+
+        ENVIRONMENTS.register("test_bad_part")(BadPartEnv)
+    config = cfg.from_dict({
+        "model": {"model": tiny_model_dir, "bf16": "false", "bf16_sampling": "false"},
+        "env": {"env": "test_bad_part"},
+        "sampling": {"prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 4, "temperature": 3.0},
+        "optim": {"lr": 0.1},
+        "run": {"steps": 2, "eval_size": 0, "progress": False, "output_dir": str(tmp_path / "run")},
+    })
+    trainer = build_trainer(config)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(ValueError, match="reward part 'mean' would be logged as reward_mean"):
+        trainer.fit()
+    assert not trainer.optimizer.state and trainer.progress.step == 0  # no optimizer step, no step committed
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_the_trainer_logs_each_part_in_metrics_jsonl(tiny_model_dir, tmp_path):

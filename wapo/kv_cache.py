@@ -121,7 +121,11 @@ def take_row(cache, row: int, tokens: torch.Tensor) -> RowCache:
 
     tokens: (cache length,) bool, True at the row's tokens (its attention mask: False at padding).
     """
-    return RowCache([(layer.keys[row][:, tokens], layer.values[row][:, tokens]) for layer in cache.layers])
+    # one nonzero for all layers: indexing by a boolean mask finds its positions again each time
+    # (on a GPU, a wait for the device per layer)
+    positions = tokens.nonzero().flatten()
+    return RowCache([(layer.keys[row].index_select(-2, positions), layer.values[row].index_select(-2, positions))
+                     for layer in cache.layers])
 
 
 def fill_rows(cache, pasts: list[RowCache | None], width: int) -> None:

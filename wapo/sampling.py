@@ -23,12 +23,15 @@ What makes it fast on a CPU (measured by benchmarks/decode_speed.py):
 alternate model turns (ended by EOS, a stop string or the budget) with the environment's
 replies, which enter the context as tokens with mask 0 (they are not the policy's actions).
 A row's next turn starts from the keys and values its last turn left (`wapo.kv_cache.RowCache`)
-and runs only the reply and what follows, not its whole context again.
+and runs only the reply and what follows, not its whole context again. Only rows that can go
+on keep theirs (not one that ended in one of `Environment.final_stop_strings`, an answer), and
+a kept past lives until the next turn's prefill has copied it, not through that turn's decode.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -80,9 +83,10 @@ class Generation:
     temperature and of the untruncated distribution. Greedy decoding (temperature 0) records the
     limit T -> 0, a point mass on the argmax: logp 0, entropy 0, collision 1, peak, pred_* 0."""
     pasts: list[RowCache | None] | None = None
-    """With `keep_past`: each row's cache when the row ended at a stop string (a tool call), covering
-    its prompt and all its tokens but the last (never run), else None; all None for a model whose
-    cache cannot hand rows on (`wapo.kv_cache.rows_can_be_taken`). Without `keep_past`: None."""
+    """With `keep_past_at`: each row's cache when the row ended at one of those stop strings with
+    budget left (it can go on: a tool call), covering its prompt and all its tokens but the last
+    (never run), else None; all None for a model whose cache cannot hand rows on
+    (`wapo.kv_cache.rows_can_be_taken`). Without `keep_past_at`: None."""
 
     @property
     def logprobs(self) -> list[list[float]]:
@@ -93,13 +97,16 @@ class Generation:
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list[int] | int,
              temperature: float, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
              generator: torch.Generator | None = None, pasts: list[RowCache | None] | None = None,
-             keep_past: bool = False) -> Generation:
+             keep_past_at: tuple[str, ...] = ()) -> Generation:
     """Sample continuations of token-id prompts; temperature 0 means greedy.
 
     Rows stop at EOS (kept as the last token), at a stop string (decoded text ends with it)
     or at their own `max_new_tokens`. The same `generator` state gives the same tokens.
     pasts: per row, None or the cache of its prompt's first `length` tokens (a previous turn's
-    `Generation.pasts`): only the rest of that prompt is run. keep_past: fill `Generation.pasts`.
+    `Generation.pasts`): only the rest of that prompt is run. The list is emptied in place once
+    the new cache holds them, so a past the caller no longer names is freed before decoding.
+    keep_past_at: stop strings after which a row's cache is kept (`Generation.pasts`), a subset
+    of `stop_strings`: those after which the row goes on (tool calls), not those that end it.
     """
     n = len(prompts)
     budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -107,14 +114,14 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list
     tokens = torch.zeros(n, steps, dtype=torch.long)
     sums = torch.zeros(4, n, steps)  # log p_s, H, C and Σ p² log p of each sampled token
     lengths, stopped = [0] * n, [False] * n
-    kept = [None] * n if keep_past else None
+    kept = [None] * n if keep_past_at else None
     was_training = model.training
     model.eval()
     try:
         if steps > 0:
             _decode(model, tokenizer, prompts, budgets, temperature=temperature, top_p=top_p, stop_strings=stop_strings,
                     generator=generator, pasts=pasts, tokens=tokens, sums=sums, lengths=lengths, stopped=stopped,
-                    kept=kept)
+                    kept=kept, keep_past_at=keep_past_at)
     finally:
         model.train(was_training)
     stats = _fields_from_sums(*sums)
@@ -127,15 +134,16 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list
 
 
 def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_strings, generator, pasts, tokens, sums,
-            lengths, stopped, kept) -> None:
+            lengths, stopped, kept, keep_past_at) -> None:
     """`generate`'s decode loop: fills row i's `tokens[i]`, `sums[:, i]` (n, steps), `lengths[i]`, `stopped[i]`,
     and, when `kept` is a list, `kept[i]` (`Generation.pasts`).
 
     All rows advance together, so step t writes column t. A finished row stays in the batch
     (its samples ignored) until `DROP_FINISHED` of the batch has finished; then the rows past
     the live count move into the finished rows' slots (`_fill_from_the_end`), so the cache
-    copies only them. A row that ends at a stop string is copied out of the cache (`kept`) at
-    that step, before any later step writes past its end.
+    copies only them. A row that ends at a stop string of `keep_past_at` with budget left is
+    copied out of the cache (`kept`) at that step, before any later step writes past its end.
+    `pasts` is emptied once the prefill has copied it into the new cache.
     """
     from wapo.kv_cache import rows_can_be_taken, take_row
 
@@ -148,7 +156,13 @@ def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_stri
     logits, cache, attention, positions = _prefill(model, [prompts[i] for i in rows], tokenizer.pad_token_id,
                                                    capacity=tokens.shape[1],
                                                    pasts=pasts and [pasts[i] for i in rows])
+    if pasts:
+        pasts.clear()  # the new cache holds them: a past the caller dropped is freed before the decode
     keep = kept is not None and rows_can_be_taken(cache)
+    if kept is not None and not keep:
+        warnings.warn(f"{type(model).__name__} has sliding-window or linear-attention layers, which do not hold "
+                      f"a row's whole past: multi-turn rollouts run each turn's whole context again "
+                      f"(no KV cache reuse)", stacklevel=2)
     scratch = torch.empty((2, *logits.shape), device=device)  # the sampler's (rows, V) buffers, reused
     for t in range(tokens.shape[1]):
         ids, step_sums = _sample(logits, temperature, top_p, generator, scratch[:, : len(logits)])
@@ -156,14 +170,15 @@ def _decode(model, tokenizer, prompts, budgets, *, temperature, top_p, stop_stri
         tokens[rows[live], t] = ids_here[live]
         sums[:, rows[live], t] = torch.stack(step_sums).cpu()[:, live]
         ended = torch.isin(ids_here, eos) & live  # by EOS or, below, a stop string
+        stop_at = {}  # row -> the stop string it ended at
         if stop_strings:
             for r in (live & ~ended).nonzero().flatten().tolist():
-                ended[r] = _ends_with_stop(tokenizer, tokens[rows[r], : t + 1].tolist(), stop_strings)
+                stop_at[r] = _stop_string_at_end(tokenizer, tokens[rows[r], : t + 1].tolist(), stop_strings)
+                ended[r] = stop_at[r] is not None
         finished = ended | (live & (budget <= t + 1))
-        by_stop = ended & ~torch.isin(ids_here, eos)
         for r in finished.nonzero().flatten().tolist():
             lengths[rows[r]], stopped[rows[r]] = t + 1, bool(ended[r])
-            if keep and by_stop[r]:
+            if keep and stop_at.get(r) in keep_past_at and budget[r] > t + 1:
                 kept[rows[r]] = take_row(cache, r, attention[r].bool())
         live &= ~finished
         if not live.any():
@@ -306,10 +321,11 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _ends_with_stop(tokenizer, ids: list[int], stop_strings: tuple[str, ...]) -> bool:
+def _stop_string_at_end(tokenizer, ids: list[int], stop_strings: tuple[str, ...]) -> str | None:
+    """The longest of `stop_strings` that the decoded `ids` end with (the most specific), or None."""
     # a token covers at least one character, so this many tokens cover the longest stop string
     tail = tokenizer.decode(ids[-max(map(len, stop_strings)):], skip_special_tokens=True)
-    return any(tail.endswith(s) for s in stop_strings)
+    return max((s for s in stop_strings if tail.endswith(s)), key=len, default=None)
 
 
 def _concat_stats(first: TokenStats | None, then: TokenStats) -> TokenStats:
@@ -356,6 +372,7 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
     keep_cache: each turn after the first runs only the tokens after the row's kept cache (its
     last sampled token and the environment's reply); False runs the whole context again each
     turn. Both give the same tokens and numbers up to float rounding (tests/test_kv_reuse.py).
+    A row keeps its cache only after a stop string that is not one of `env.final_stop_strings`.
     """
     rows = [s for s in samples for _ in range(samples_per_prompt)]
     episodes = [Episode(prompt_ids=prompt_ids(tokenizer, env, s)) for s in rows]
@@ -363,6 +380,7 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
     pasts: dict[int, RowCache] = {}  # episode -> the cache of its context but the last token
     eos = _eos_ids(model, tokenizer)
     turns = max(env.max_turns, 1)
+    tool_calls = tuple(s for s in env.stop_strings if s not in env.final_stop_strings) if keep_cache else ()
     for turn in range(turns):
         if not active:
             break
@@ -370,7 +388,7 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             model, tokenizer, [episodes[i].prompt_ids + episodes[i].completion_ids for i in active],
             max_new_tokens=[max_new_tokens - episodes[i].model_tokens for i in active],
             temperature=temperature, top_p=top_p, stop_strings=env.stop_strings, generator=generator,
-            pasts=[pasts.get(i) for i in active], keep_past=keep_cache and turn < turns - 1,
+            pasts=[pasts.pop(i, None) for i in active], keep_past_at=tool_calls if turn < turns - 1 else (),
         )
         kept = dict(zip(active, gen.pasts or [None] * len(active)))
         still_active, calls = [], []
@@ -405,6 +423,7 @@ def rollout(model, tokenizer, env: Environment, samples: list[Sample], *, sample
             still_active.append(i)
         active = still_active
         pasts = {i: kept[i] for i in active if kept[i] is not None}
+        del gen, kept  # the pasts of rows that stopped are freed here, the others once the next prefill copied them
     for ep in episodes:
         ep.text = tokenizer.decode(ep.completion_ids, skip_special_tokens=True)
     return episodes

@@ -249,6 +249,7 @@ class Trainer:
                                max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                max_observation_tokens=s.max_observation_tokens)
             scores = score_episodes(self.env, samples, episodes, g)
+            check_reward_parts(scores.results)  # a bad name fails here, before any optimizer step
             self._record_reward_errors(scores)
             drawn.samples += samples
             drawn.episodes += episodes
@@ -431,7 +432,9 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
         raise ConfigError("--report-to wandb needs the wandb package: pip install wandb")
     run_dir = Path(resume) if resume else _fresh_run_dir(config, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dump_toml(config))
+    saved = run_dir / "config.toml"
+    previous = from_dict(load_file(saved)) if resume and saved.is_file() else None  # read before it is rewritten
+    saved.write_text(dump_toml(config))
 
     _seed_everything(config.run.seed)
     if config.model.threads:
@@ -461,7 +464,7 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
             raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints to resume from (the run stopped "
                                     f"before its first step): start it again with --output-dir {run_dir} --overwrite")
         fields = checkpoint.load(last, model, optimizer, scheduler)
-        _resume_schedule(scheduler, config)
+        _resume_schedule(scheduler, config, previous)
         progress = Progress(**{k: fields[k] for k in dataclasses.asdict(progress) if k in fields})
         if progress.collapse:
             collapse.load_state(progress.collapse)
@@ -563,14 +566,18 @@ def _schedule(config: TrainConfig):
     return factor
 
 
-def _resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, config: TrainConfig) -> None:
+def _resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, config: TrainConfig,
+                     previous: TrainConfig | None) -> None:
     """Go on with the schedule `config` describes, from a just-loaded checkpoint's step on.
 
-    The checkpoint holds the rate its run had planned for the next step; a resume whose `lr`,
-    `steps`, `warmup_steps` or `schedule` differ trains every later step t at lr · factor(t) of
-    the new settings (a longer `--steps` stretches a decaying schedule: the rate rises again),
-    warns with both rates, and leaves the rates of the steps already taken as they were. With
-    the same settings this changes nothing: the rate is computed as the scheduler computes it.
+    previous: the run's config before this resume (its config.toml), None when it has none.
+    A resume whose `lr`, `steps`, `warmup_steps` or `schedule` differ trains every later step t
+    at lr · factor(t) of the new settings (a longer `--steps` stretches a decaying schedule: the
+    rate rises again) and leaves the rates of the steps already taken as they were. It warns,
+    naming each changed setting (old -> new) and the next step's rate, whenever the rate of any
+    step still to run differs from the previous settings' (a constant schedule given more steps
+    does not), or the next one from the rate the checkpoint planned. With the same settings this
+    changes nothing: the rate is computed as the scheduler computes it.
     """
     step, planned = scheduler.last_epoch, scheduler.get_last_lr()
     scheduler.base_lrs = [config.optim.lr] * len(scheduler.base_lrs)
@@ -578,12 +585,16 @@ def _resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, config: Train
     for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
         group["initial_lr"], group["lr"] = config.optim.lr, rate
     scheduler._last_lr = rates  # what get_last_lr() reports for the next step
-    if rates != planned:
-        o = config.optim
-        warnings.warn(f"resumed with other learning-rate settings (now lr {o.lr:g}, {o.schedule} schedule over "
-                      f"{config.run.steps} steps, {o.warmup_steps} warm-up): step {step + 1} trains at lr "
-                      f"{rates[0]:.4g} where the checkpoint planned {planned[0]:.4g}; steps 1-{step} keep the "
-                      f"rates they used", stacklevel=2)
+    previous = previous or config
+    old, new = ([c.optim.lr * _schedule(c)(t) for t in range(step, config.run.steps)] for c in (previous, config))
+    if rates == planned and old == new:
+        return
+    settings = [{"lr": c.optim.lr, "steps": c.run.steps, "warmup_steps": c.optim.warmup_steps,
+                 "schedule": c.optim.schedule} for c in (previous, config)]
+    changed = ", ".join(f"{k} {a} -> {settings[1][k]}" for k, a in settings[0].items() if a != settings[1][k])
+    warnings.warn(f"resumed with other learning-rate settings ({changed or 'not those the checkpoint was saved with'}): step {step + 1} "
+                  f"trains at lr {rates[0]:.4g} where the checkpoint planned {planned[0]:.4g}, and each later step t "
+                  f"at lr · factor(t) of the new settings; steps 1-{step} keep the rates they used", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -601,10 +612,27 @@ def groups_to_keep(rewards: torch.Tensor, group_size: int, dynamic_sampling: boo
     return rows[mixed][:groups].flatten()
 
 
+REWARD_KEYS = ("reward_mean", "reward_std", "reward_errors", "reward_errors_total")
+"""The logged metrics named `reward_*` (`reward_metrics`, `Trainer.totals`): no reward part may be logged as one."""
+
+
+def check_reward_parts(results) -> None:
+    """Refuse reward parts (`RewardResult.parts`) whose `reward_<part>` key is one of `REWARD_KEYS`.
+
+    `sample_and_score` calls it as soon as a batch is graded, so a bad name stops the run before
+    any optimizer step, not after an update that no checkpoint would hold.
+    """
+    for name in sorted({name for r in results for name in r.parts}):
+        if f"reward_{name}" in REWARD_KEYS:
+            raise ValueError(f"the reward part {name!r} would be logged as reward_{name}, a metric of its own: "
+                             f"rename the part")
+
+
 def reward_metrics(rewards: torch.Tensor, drawn: Sampled, group_size: int) -> dict:
     """What the sampled groups earned: rewards, accuracy, mixed groups, lengths, truncation, and
     `reward_<part>`, the mean of each part of the reward (`RewardResult.parts`, e.g. `reward_format`)
     over all sampled rows; a row without that part (its grader raised) counts 0, as its score does."""
+    check_reward_parts(drawn.results)
     grouped = rewards.view(-1, group_size)
     lengths = torch.tensor([e.model_tokens for e in drawn.episodes], dtype=torch.float32)
     metrics = {
@@ -618,10 +646,7 @@ def reward_metrics(rewards: torch.Tensor, drawn: Sampled, group_size: int) -> di
         "sampling_rounds": drawn.rounds,
     }
     for name in sorted({name for r in drawn.results for name in r.parts}):
-        key = f"reward_{name}"
-        if key in metrics or key == "reward_errors_total":
-            raise ValueError(f"the reward part {name!r} would be logged as {key}, a metric of its own: rename the part")
-        metrics[key] = sum(r.parts.get(name, 0.0) for r in drawn.results) / len(drawn.results)
+        metrics[f"reward_{name}"] = sum(r.parts.get(name, 0.0) for r in drawn.results) / len(drawn.results)
     return metrics
 
 

@@ -62,6 +62,9 @@ class Environment:
     """Model turns per episode; above 1 the environment answers tool calls via `observe`."""
     stop_strings: tuple[str, ...] = field(default=(), init=False)
     """Strings that end a model turn early so the environment can answer (multi-turn only)."""
+    final_stop_strings: tuple[str, ...] = field(default=(), init=False)
+    """Those of `stop_strings` after which `observe` always returns None (an answer): a rollout
+    keeps no KV cache for a row that ends in one, as no turn follows."""
 
     def train_set(self) -> Sequence[Sample]:
         """Training problems, in a fixed (seeded) order; the trainer cycles through them.

@@ -175,6 +175,7 @@ class SearchQAEnvironment(Environment):
     max_turns: int = 4
     """Model turns per episode: up to `max_turns - 1` searches, then the answer."""
     stop_strings: tuple[str, ...] = field(default=("</search>", "</answer>"), init=False)
+    final_stop_strings: tuple[str, ...] = field(default=("</answer>",), init=False)
     top_k: int = 3
     """Passages returned per search."""
     metric: str = "em"
