@@ -466,6 +466,11 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
     precision = (resume and Precision.recorded(run_dir)) or Precision.resolve(config, device)
     precision.save(run_dir)
     print(f"Precision: {precision.describe()}", flush=True)
+    if alg.sampler_lag and alg.ratio_against == "auto" and precision.ratio_against == "trainer" and not alg.tis_cap:
+        warnings.warn("--sampler-lag 1 samples with weights one update behind, but --ratio-against auto took the "
+                      "ratio against the trainer (bf16 numerics), which starts at 1 and corrects nothing of that gap: "
+                      "add --tis-cap (e.g. 2) to weight each token by π_old/μ, or set --ratio-against sampler "
+                      "(docs/math.md, \"Mini-batches and a stale sampler\")", stacklevel=2)
     tokenizer = load_tokenizer(config.model.model)
     model = load_policy(config.model.model, device=device, lora_rank=config.model.lora_rank,
                         lora_alpha=config.model.lora_alpha,
