@@ -285,7 +285,7 @@ class Trainer:
             token_stats=partial(self.token_stats, batch), reference_logp=partial(self.reference_logp, batch),
             sampler_stats=batch.recorded_stats, before_optimizer_step=before_optimizer_step,
         )
-        if not lagged or not synced:  # lag 1 without an optimizer step: the weights it started from
+        if not lagged or not synced:  # lag 0: the update's result; lag 1 without a step: the weights it started from
             self.interrupts.hold()
             self._sync_sampler()
         return result

@@ -163,7 +163,7 @@ def update_policy(
             optimizer.zero_grad(set_to_none=True)
             result.finite = _backward(batch, mb, s, old_logprobs, diag, token_stats, reference_logp,
                                       first_look=epoch == 0 and j == 0, epoch=epoch)
-            if not mb.trained:  # the step the slice's rows would give in the backward pass: AdamW skips a None grad
+            if not mb.trained:  # its rows' gradient is 0; a zero grad, not None, makes AdamW step as unskipped
                 for p in params:
                     p.grad = torch.zeros_like(p)
             if result.finite:
