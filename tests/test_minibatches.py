@@ -94,9 +94,10 @@ def _with_mu(model, batch):
     return batch
 
 
-def _reference(model, batch, loss, *, against, k, epochs, lr, max_norm):
+def _reference(model, batch, loss, *, against, k, epochs, lr, max_norm, kl_beta=0.0, reference=None):
     """k SGD steps per epoch on k slices of whole groups, each loss over its own rows with the
-    objective's own normaliser (its default: D of the rows it is given), π_old before any step."""
+    objective's own normaliser (its default: D of the rows it is given), π_old before any step;
+    with `kl_beta`, plus β·Σ k3 / (the slice's model tokens), k3 = exp(d) − d − 1, d = logπ_ref − logπ."""
     model = copy.deepcopy(model)
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=lr)
@@ -106,21 +107,34 @@ def _reference(model, batch, loss, *, against, k, epochs, lr, max_norm):
     for _ in range(epochs):
         for rows in [list(range(j * half, (j + 1) * half)) for j in range(k)]:
             opt.zero_grad()
-            out = policy_loss(loss, _logp(model, batch, rows), old[rows], batch.advantages[rows], batch.mask[rows],
-                              max_len=L, group_size=G)
-            out.loss.backward()
+            logp, m = _logp(model, batch, rows), batch.mask[rows]
+            out = policy_loss(loss, logp, old[rows], batch.advantages[rows], m, max_len=L, group_size=G)
+            total = out.loss
+            if kl_beta:
+                with torch.no_grad():
+                    ref = _logp(reference, batch, rows)
+                d = ref - logp
+                total = total + kl_beta * ((d.exp() - d - 1) * m).sum() / m.sum()
+            total.backward()
             torch.nn.utils.clip_grad_norm_(params, max_norm)
             opt.step()
     return model
 
 
-def _run(model, batch, loss, *, against, k, epochs, lr, max_norm, micro=3):
+def _run(model, batch, loss, *, against, k, epochs, lr, max_norm, micro=3, kl_beta=0.0, reference=None, **options):
     model = copy.deepcopy(model)
     params = list(model.parameters())
-    settings = UpdateSettings(loss=loss, loss_kwargs={"max_len": L, "group_size": G}, ratio_against=against,
-                              updates_per_batch=epochs, mini_batches=k, micro_batch_size=micro, max_grad_norm=max_norm)
+    settings = UpdateSettings(loss=loss, loss_kwargs={"max_len": L, "group_size": G, **options}, ratio_against=against,
+                              updates_per_batch=epochs, mini_batches=k, micro_batch_size=micro, max_grad_norm=max_norm,
+                              kl_beta=kl_beta)
     stats = partial(row_token_stats, model, batch, temperature=1.0, chunk_size=4)
-    result = update_policy(batch, settings, optimizer=torch.optim.SGD(params, lr=lr), params=params, token_stats=stats)
+    reference_logp = None
+    if reference is not None:
+        def reference_logp(rows):
+            with torch.no_grad():
+                return row_token_stats(reference, batch, rows, temperature=1.0, chunk_size=4).logp
+    result = update_policy(batch, settings, optimizer=torch.optim.SGD(params, lr=lr), params=params, token_stats=stats,
+                           reference_logp=reference_logp)
     return model, result
 
 
@@ -139,6 +153,33 @@ def test_each_mini_batch_is_one_step_on_its_own_normaliser_from_the_pre_update_p
     assert result.metrics["optimizer_steps"] == k * epochs
     moved = sum((a - b).norm() ** 2 for a, b in zip(expected.parameters(), model64.parameters())) ** 0.5
     assert moved > 1e-2  # the steps are large enough for a wrong normaliser or π_old to show
+    for (name, a), b in zip(got.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference64(model64):
+    """A KL reference away from the policy (θ0 + noise), so the penalty's gradient is first order from step 1."""
+    reference = copy.deepcopy(model64).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return reference
+
+
+@pytest.mark.parametrize("loss", ["wapo", "dapo"])
+@pytest.mark.parametrize(("k", "epochs"), [(1, 1), (2, 1), (2, 2)])
+def test_the_kl_penalty_of_each_mini_batch_is_a_token_mean_over_its_own_tokens(model64, reference64, loss, k, epochs):
+    # the halves' model tokens differ (13 and 12 with row 3's environment token out), so a
+    # whole-batch token count (25) as the KL normaliser would miss the reference
+    batch = _with_mu(model64, _batch(ADVANTAGES))
+    kw = dict(against="trainer", k=k, epochs=epochs, lr=0.5, max_norm=0.3, kl_beta=0.5, reference=reference64)
+    expected = _reference(model64, batch, loss, **kw)
+    got, result = _run(model64, batch, loss, **kw)
+    assert result.metrics["optimizer_steps"] == k * epochs and result.metrics["backward_rows"] == 8
+    without_kl = _reference(model64, batch, loss, **{**kw, "kl_beta": 0.0})
+    assert max((a - b).abs().max() for a, b in zip(expected.parameters(), without_kl.parameters())) > 1e-3
     for (name, a), b in zip(got.named_parameters(), expected.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
@@ -182,6 +223,35 @@ def test_pi_old_of_the_second_mini_batch_is_the_pre_update_policy(model64, monke
     assert (logp2[m2] - old2[m2]).abs().max() > 1e-4  # one optimizer step later π moved: ρ ≠ 1
 
 
+def test_loss_metrics_count_every_mini_batch_of_the_last_epoch(model64):
+    # GRPO (ε = 0.1), k = 2, one epoch, against the trainer: slice 1 (rows 0-3, 13 model tokens)
+    # has ρ = 1 exactly; slice 2's trained rows 4 (A > 0, 1 token) and 5 (A < 0, 5 tokens) are
+    # first reached after slice 1's SGD step, so their ρ = π_θ1/π_θ0 is taken from a float64 step
+    batch = _with_mu(model64, _batch(ADVANTAGES))
+    _, result = _run(model64, batch, "grpo", against="trainer", k=2, epochs=1, lr=2.5, max_norm=1e9, eps=0.1)
+    model = copy.deepcopy(model64)
+    with torch.no_grad():
+        before = _logp(model, batch, [0, 1, 2, 3, 4, 5])
+    policy_loss("grpo", _logp(model, batch, [0, 1, 2, 3]), before[:4], batch.advantages[:4], batch.mask[:4],
+                max_len=L, group_size=G, eps=0.1).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=2.5).step()
+    with torch.no_grad():
+        ratio = (_logp(model, batch, [4, 5]) - before[4:]).exp()
+    r4, r5 = ratio[0][batch.mask[4]], ratio[1][batch.mask[5]]
+    # row 4: ρ = 1.18 > 1 + ε, clipped; row 5: ρ = 1.05, 0.62, 0.96, 0.95, 0.70, two below 1 − ε
+    assert r4.numel() == 1 and r4.item() > 1.15 and r5.numel() == 5 and int((r5 < 0.9).sum()) == 2
+    metrics = result.metrics
+    # positive tokens: rows 0, 2 (5 + 4, ρ = 1) and 4 (1): 1 of 10 clipped; negative: rows 1, 3
+    # (2 + 2, ρ = 1) and 5 (5): 2 of 9
+    assert metrics["clip_frac_pos"] == pytest.approx(1 / 10) and metrics["clip_frac_neg"] == pytest.approx(2 / 9)
+    ratios = torch.cat([torch.ones(13, dtype=torch.float64), r4, r5])
+    assert metrics["ratio_mean"] == pytest.approx(ratios.mean().item(), rel=1e-5)  # (13 + Σρ) / 19
+    assert metrics["ratio_min"] == pytest.approx(ratios.min().item(), rel=1e-5)  # row 5's 0.62
+    assert metrics["ratio_max"] == pytest.approx(ratios.max().item(), rel=1e-5)  # row 4's 1.18
+    # the 3 clipped tokens carry no gradient; row 4 had only one
+    assert metrics["grad_rows"] == 5 and metrics["grad_tokens"] == 19 - 3
+
+
 def test_every_row_is_diagnosed_once_before_any_optimizer_step(model64, monkeypatch):
     batch = _with_mu(model64, _batch(ADVANTAGES))
     summaries = {}
@@ -215,8 +285,10 @@ def test_every_row_is_diagnosed_once_before_any_optimizer_step(model64, monkeypa
     assert summaries["trainer", 2]["mismatch_abs_logp"] == pytest.approx(0.12, rel=1e-5)
 
 
-def test_a_mini_batch_without_a_trained_row_takes_no_step_and_grad_norms_are_first_and_max(model64, monkeypatch):
-    # WAPO: the second half has no winner, so with k = 2 and 2 epochs only 2 of 4 steps are taken
+def test_a_mini_batch_without_a_gradient_row_steps_on_zero_gradients_and_grad_norms_are_first_and_max(
+        model64, monkeypatch):
+    # WAPO: the second half has no winner; with k = 2 and 2 epochs all 4 steps are taken, the
+    # second half's on zero gradients (norm 0)
     batch = _with_mu(model64, _batch([0.5, -0.5, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0]))
     norms, real = [], torch.nn.utils.clip_grad_norm_
 
@@ -227,16 +299,50 @@ def test_a_mini_batch_without_a_trained_row_takes_no_step_and_grad_norms_are_fir
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     _, result = _run(model64, batch, "wapo", against="trainer", k=2, epochs=2, lr=0.5, max_norm=1e9)
     m = result.metrics
-    assert m["optimizer_steps"] == 2 == len(norms) and m["backward_rows"] == 2
-    assert norms[0] != norms[1]  # the second epoch's gradient, after a step, differs
+    assert m["optimizer_steps"] == 4 == len(norms) and m["backward_rows"] == 2
+    assert norms[1] == norms[3] == 0.0 and norms[0] > 0 and norms[2] > 0
+    assert norms[0] != norms[2]  # the second epoch's gradient, after a step, differs
     assert (m["grad_norm"], m["grad_norm_max"]) == (norms[0], max(norms))
+
+
+def _adamw_run(model, batches, *, k, skip):
+    """WAPO against the trainer, 2 epochs of k mini-batches on each batch in turn, one AdamW (with
+    weight decay) throughout; the weights after each batch, and its optimizer steps."""
+    model = copy.deepcopy(model)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    settings = UpdateSettings(loss="wapo", loss_kwargs={"max_len": L, "group_size": G}, ratio_against="trainer",
+                              updates_per_batch=2, mini_batches=k, micro_batch_size=3, skip_zero_gradient_rows=skip)
+    after, steps = [], []
+    for batch in batches:
+        stats = partial(row_token_stats, model, batch, temperature=1.0, chunk_size=4)
+        result = update_policy(batch, settings, optimizer=optimizer, params=params, token_stats=stats)
+        after.append([p.detach().clone() for p in params])
+        steps.append(result.metrics["optimizer_steps"])
+    return after, steps
+
+
+@pytest.mark.parametrize(("k", "second"), [(1, [0.0] * 8), (2, [0.5, -0.5, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0])])
+def test_skipping_rows_without_gradient_leaves_the_weights_as_with_every_row_in_the_backward_pass(model64, k, second):
+    # The first batch gives AdamW momentum; in the second a mini-batch has no winner (k = 1: the
+    # whole batch). With every row in the backward pass that mini-batch's gradient is exactly 0 and
+    # AdamW still steps (momentum, weight decay); skipping its rows must step the same way.
+    batches = [_with_mu(model64, _batch(ADVANTAGES)), _with_mu(model64, _batch(second))]
+    skipped, steps = _adamw_run(model64, batches, k=k, skip=True)
+    all_rows, steps_all_rows = _adamw_run(model64, batches, k=k, skip=False)
+    for a, b in zip(skipped[1], all_rows[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    assert steps == steps_all_rows == [2 * k, 2 * k]
+    # the steps on zero gradients moved the weights (a dropped step would be ~1e-2 away)
+    assert max((a - b).abs().max() for a, b in zip(skipped[1], skipped[0])) > 1e-3
 
 
 def test_fewer_groups_than_mini_batches_is_one_mini_batch_per_group_with_a_warning(model64):
     batch = _with_mu(model64, _batch(ADVANTAGES))
     with pytest.warns(UserWarning, match="the batch holds 4 groups, fewer than mini_batches = 6"):
         _, result = _run(model64, batch, "grpo", against="trainer", k=6, epochs=1, lr=0.5, max_norm=1e9)
-    assert result.metrics["optimizer_steps"] == 3  # group 4 (rows 6, 7: A = 0) trains nothing under GRPO
+    # one step per group: group 4 (rows 6, 7: A = 0) trains nothing under GRPO, its step is on zero gradients
+    assert result.metrics["optimizer_steps"] == 4
 
 
 # ------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -266,10 +266,11 @@ class Trainer:
         """`updates_per_batch × mini_batches` optimizer steps on `batch` (`wapo.update`); interrupts
         wait from the first.
 
-        The sampler copy follows the policy: with `sampler_lag` 0 after every optimizer step;
-        with 1 it takes the weights this update starts from, once the step can no longer be cut
-        short (at its first optimizer step, or at the end of an update that took none), so a
-        step replayed after an interrupt samples with the same stale weights.
+        The sampler copy follows the policy: with `sampler_lag` 0 it takes the update's result
+        at its end (from the first optimizer step on the step cannot be cut short, so nothing
+        samples in between); with 1 it takes the weights this update starts from, once the step
+        can no longer be cut short (at its first optimizer step, or at the end of an update that
+        took none), so a step replayed after an interrupt samples with the same stale weights.
         """
         lagged, synced = self.config.algorithm.sampler_lag == 1, []
 
@@ -284,9 +285,8 @@ class Trainer:
             params=[p for p in self.model.parameters() if p.requires_grad],
             token_stats=partial(self.token_stats, batch), reference_logp=partial(self.reference_logp, batch),
             sampler_stats=batch.recorded_stats, before_optimizer_step=before_optimizer_step,
-            after_optimizer_step=(lambda: None) if lagged else self._sync_sampler,
         )
-        if lagged and not synced:  # no optimizer step: the weights are still those the update started from
+        if not lagged or not synced:  # lag 0: the update's result; lag 1 without a step: the weights it started from
             self.interrupts.hold()
             self._sync_sampler()
         return result
@@ -366,10 +366,16 @@ class Trainer:
     def reference_logp(self, batch: RolloutBatch, rows: list[int]) -> torch.Tensor:
         return self.token_stats(batch, rows, reference=True).logp
 
+    def _sampler_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(the sampler copy's, the policy's) parameter for each weight training changes; the frozen
+        ones (LoRA's base) the copy already holds, as they never change."""
+        pairs = zip(self.sampler.parameters(), self.model.parameters(), strict=True)
+        return [(mine, theirs) for mine, theirs in pairs if theirs.requires_grad]
+
     @torch.no_grad()
     def _sync_sampler(self) -> None:
         if self.sampler is not None:
-            for mine, theirs in zip(self.sampler.parameters(), self.model.parameters()):
+            for mine, theirs in self._sampler_weights():
                 mine.copy_(theirs)
 
     def _record_reward_errors(self, scores) -> None:
@@ -390,23 +396,43 @@ class Trainer:
     def evaluate(self, when: str) -> dict:
         """Held-out greedy accuracy and pass@k, on an RNG of its own (training's stream is untouched).
 
-        Of the current weights: the bf16 sampler copy when it is in step with the policy, the
-        policy itself under `sampler_lag` = 1 (the copy is one update behind).
+        Of the current weights, in the sampler's precision, so that both `sampler_lag` settings
+        evaluate the same weights alike: with `bf16_sampling` the bf16 sampler copy (under
+        `sampler_lag` = 1 holding the current weights for the evaluation only), else the policy.
         """
         cfg = self.config
         samples = list(self.env.eval_set())[: cfg.run.eval_size]
-        current = self.sampler is not None and cfg.algorithm.sampler_lag == 0
-        policy = self.sampler if current else self.model
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # CPU and every GPU
+        bf16 = self.sampler is not None and self.precision.bf16_sampling
+        stale = bf16 and cfg.algorithm.sampler_lag == 1
+        with self._current_sampler() if stale else nullcontext(), \
+                torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # CPU and every GPU
             torch.manual_seed(cfg.run.seed + 1_000_003 * (self.progress.step + 1))
-            results = evaluate(policy, self.tokenizer, self.env, samples, k=cfg.run.eval_samples,
-                               temperature=cfg.sampling.temperature, max_new_tokens=cfg.sampling.max_new_tokens,
-                               top_p=cfg.sampling.top_p, max_observation_tokens=cfg.sampling.max_observation_tokens,
+            results = evaluate(self.sampler if bf16 else self.model, self.tokenizer, self.env, samples,
+                               k=cfg.run.eval_samples, temperature=cfg.sampling.temperature,
+                               max_new_tokens=cfg.sampling.max_new_tokens, top_p=cfg.sampling.top_p,
+                               max_observation_tokens=cfg.sampling.max_observation_tokens,
                                progress=cfg.run.progress, desc=f"eval {when}")
         self.log.log_eval(self.progress.step, when, results)
         print(f"[eval {when}] " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in results.items()), flush=True)
         return results
+
+    @contextmanager
+    def _current_sampler(self):
+        """Inside: the sampler copy holds the policy's current weights. After, even when an interrupt
+        cut the inside short: its own stale ones again (`sampler_lag` = 1), as a checkpoint saves them."""
+        stash = [mine.detach().clone() for mine, _ in self._sampler_weights()]
+        try:
+            self._sync_sampler()
+            yield
+        finally:
+            holding = self.interrupts.holding
+            self.interrupts.hold()  # put back whole
+            with torch.no_grad():
+                for (mine, _), value in zip(self._sampler_weights(), stash, strict=True):
+                    mine.copy_(value)
+            if not holding:
+                self.interrupts.release()  # an interrupt that waited is raised here
 
     def save(self, rng: dict | None = None) -> Path:
         lagged = self.config.algorithm.sampler_lag == 1  # then the sampler's weights are state of their own
@@ -443,6 +469,11 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
     precision = (resume and Precision.recorded(run_dir)) or Precision.resolve(config, device)
     precision.save(run_dir)
     print(f"Precision: {precision.describe()}", flush=True)
+    if alg.sampler_lag and alg.ratio_against == "auto" and precision.ratio_against == "trainer" and not alg.tis_cap:
+        warnings.warn("--sampler-lag 1 samples with weights one update behind, but --ratio-against auto took the "
+                      "ratio against the trainer (bf16 numerics), which starts at 1 and corrects nothing of that gap: "
+                      "add --tis-cap (e.g. 2) to weight each token by π_old/μ, or set --ratio-against sampler "
+                      "(docs/math.md, \"Mini-batches and a stale sampler\")", stacklevel=2)
     tokenizer = load_tokenizer(config.model.model)
     model = load_policy(config.model.model, device=device, lora_rank=config.model.lora_rank,
                         lora_alpha=config.model.lora_alpha,

@@ -1,8 +1,7 @@
 """One policy update on a sampled batch: mini-batches, micro-batches, optimizer steps.
 
     slices ← the batch cut into `mini_batches` runs of whole groups, in batch order, each with
-             its own normaliser D_j (the objective's D on its own rows); a slice none of whose
-             rows carries gradient is dropped (it would take no optimizer step)
+             its own normaliser D_j (the objective's D on its own rows)
     π_old  ← μ, the sampler's log-probabilities                  ratio_against = "sampler"
              the policy before this step's first optimizer step   ratio_against = "trainer":
                slice 1: its own first grad pass, detached (free)
@@ -13,17 +12,22 @@
                 logπ ← the policy's log-probabilities (the chunked pass, with grad)
                 loss ← objective(logπ, π_old, A; D_j) [+ β·KL to the reference]
                 loss.backward()                                  (gradients accumulate)
+            no row carries gradient: every gradient is set to zero
             clip the gradient norm; one optimizer step
 
-That is `updates_per_batch × mini_batches` optimizer steps (PPO's epochs × mini-batches; verl's
-`ppo_epochs` and `ppo_mini_batch_size` = rows / mini_batches, TRL's `num_iterations` and
-`steps_per_generation`). A group
-is never split: its rows share a baseline, and WAPO's "contributing" normaliser counts groups.
-Against the trainer the first slice's first pass is π_old, so the first optimizer step's ratio is
-exactly 1 whatever the sampler's numerics; the later slices' ratios already carry the earlier
-slices' steps. `tis_cap` then re-weights each token by sg[min(π_old/μ, C)] (truncated
-importance sampling). See docs/math.md for which objective's paper takes which denominator,
-and what a per-slice D means for each.
+That is always `updates_per_batch × mini_batches` optimizer steps (PPO's epochs × mini-batches;
+verl's `ppo_epochs` and `ppo_mini_batch_size`, which counts prompts: prompts_per_step /
+mini_batches; TRL's `num_iterations` and `steps_per_generation`), whether or not
+`skip_zero_gradient_rows` leaves rows out: a slice none of whose rows carries gradient takes
+its step on zero gradients, as it would with every row in the backward pass (AdamW's momentum
+and weight decay still move the weights), so skipping rows never changes the weights. Only a
+batch with no rows (dynamic sampling found no mixed group) takes none. A group is never split:
+its rows share a baseline, and WAPO's "contributing" normaliser counts groups. Against the
+trainer the first slice's first pass is π_old, so the first optimizer step's ratio is exactly 1
+whatever the sampler's numerics; the later slices' ratios already carry the earlier slices'
+steps. `tis_cap` then re-weights each token by sg[min(π_old/μ, C)] (truncated importance
+sampling). See docs/math.md for which objective's paper takes which denominator, and what a
+per-slice D means for each.
 
 Every row's taxonomy is recorded once, describing the policy before any optimizer step: from the
 pre-update passes above, and for rows no such pass sees (rows without gradient; against the
@@ -121,7 +125,6 @@ def update_policy(
     reference_logp: Callable[[list[int]], Tensor] | None = None,
     sampler_stats: Callable[[list[int]], TokenStats | None] = lambda rows: None,
     before_optimizer_step: Callable[[], None] = lambda: None,
-    after_optimizer_step: Callable[[], None] = lambda: None,
 ) -> UpdateResult:
     """`updates_per_batch × mini_batches` optimizer steps on `batch`; metrics of what it saw.
 
@@ -130,6 +133,7 @@ def update_policy(
     `sampler_stats(rows)` the taxonomy recorded while sampling, or None (then a no-grad pass
     gives the taxonomy of rows no pre-update pass sees, if `diagnose_skipped_rows`).
     `settings.loss_kwargs["group_size"]` is needed when `mini_batches` > 1.
+    `before_optimizer_step()` runs before each optimizer step (the trainer holds interrupts there).
     """
     s = settings
     everything = list(range(len(batch)))
@@ -137,7 +141,7 @@ def update_policy(
     if s.skip_zero_gradient_rows and s.kl_beta == 0:  # the KL term has a gradient on every row
         with_grad = rows_with_gradient(s.loss, batch.advantages, batch.mask, **s.loss_kwargs)
         trained = {i for i in everything if with_grad[i]}
-    slices = [mb for mb in _mini_batches(batch, trained, s) if mb.trained]
+    slices = _mini_batches(batch, trained, s)
     skipped = sorted(set(everything) - trained)
     later = sorted(i for mb in slices[1:] for i in mb.trained)  # first reached after an optimizer step
 
@@ -159,6 +163,9 @@ def update_policy(
             optimizer.zero_grad(set_to_none=True)
             result.finite = _backward(batch, mb, s, old_logprobs, diag, token_stats, reference_logp,
                                       first_look=epoch == 0 and j == 0, epoch=epoch)
+            if not mb.trained:  # its rows' gradient is 0; a zero grad, not None, makes AdamW step as unskipped
+                for p in params:
+                    p.grad = torch.zeros_like(p)
             if result.finite:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
                 result.finite = bool(torch.isfinite(grad_norm))
@@ -166,8 +173,7 @@ def update_policy(
                 optimizer.zero_grad(set_to_none=True)
                 break
             before_optimizer_step()
-            optimizer.step()  # parameters without a gradient (nothing trained) stay as they are
-            after_optimizer_step()
+            optimizer.step()
             result.metrics["optimizer_steps"] += 1
             grad_norms.append(grad_norm.item())
         if not result.finite:
@@ -181,7 +187,7 @@ def update_policy(
 def _mini_batches(batch: RolloutBatch, trained: set[int], s: UpdateSettings) -> list[MiniBatch]:
     """The batch's slices of whole groups (`group_slices`), each with its own normalisers."""
     if s.mini_batches == 1:
-        parts = [list(range(len(batch)))]
+        parts = [list(range(len(batch)))] if len(batch) else []
     else:
         group_size = s.loss_kwargs.get("group_size")
         if group_size is None:
