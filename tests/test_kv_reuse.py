@@ -202,6 +202,29 @@ def test_generate_keeps_no_cache_for_a_row_that_cannot_go_on(tiny):
     assert tok.decode(gen.tokens[0]) == "FFFFFi?" and gen.stopped[0] and gen.pasts == [None, None]
 
 
+
+def test_the_longest_stop_string_at_the_end_decides_whether_a_row_goes_on(tiny):
+    model, tok = tiny
+    prompts = [tok.encode("Q:what is 2\nA:", add_special_tokens=False)]
+    # greedy "FFFFFi?" ends with both "?" (a tool call: the row would go on) and "i?" (final):
+    # the longer, more specific one wins, so the row ends and keeps no past
+    gen = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, stop_strings=("?", "i?"),
+                   keep_past_at=("?",))
+    assert tok.decode(gen.tokens[0]) == "FFFFFi?" and gen.stopped == [True] and gen.pasts == [None]
+    # with "?" alone it goes on and keeps the cache of all but its last token
+    gen = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, stop_strings=("?",), keep_past_at=("?",))
+    assert gen.pasts[0].length == len(prompts[0]) + 6
+
+
+def test_generate_wants_one_past_per_prompt(tiny):
+    model, tok = tiny
+    prompts = [tok.encode(q, add_special_tokens=False) for q in ("Q:a\nA:", "Q:b\nA:")]
+    with pytest.raises(ValueError, match="pasts has 1 entries for 2 prompts"):
+        generate(model, tok, prompts, max_new_tokens=3, temperature=0.0, pasts=[None])
+    pasts = [None, None]
+    generate(model, tok, prompts, max_new_tokens=0, temperature=0.0, pasts=pasts)
+    assert pasts == []  # emptied even when nothing is decoded
+
 @dataclass
 class AnswerEnv(ToolEnv):
     """`ToolEnv` where "=" gives the answer: the episode ends there (no reply), as `</answer>` does in multihop."""

@@ -109,6 +109,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list
     of `stop_strings`: those after which the row goes on (tool calls), not those that end it.
     """
     n = len(prompts)
+    if pasts is not None and len(pasts) != n:
+        raise ValueError(f"pasts has {len(pasts)} entries for {n} prompts: give one per prompt (None for no past)")
     budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     steps = max([0, *budgets])
     tokens = torch.zeros(n, steps, dtype=torch.long)
@@ -118,6 +120,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: list
     was_training = model.training
     model.eval()
     try:
+        if steps == 0 and pasts:
+            pasts.clear()  # as promised: nothing holds them once generate returns
         if steps > 0:
             _decode(model, tokenizer, prompts, budgets, temperature=temperature, top_p=top_p, stop_strings=stop_strings,
                     generator=generator, pasts=pasts, tokens=tokens, sums=sums, lengths=lengths, stopped=stopped,

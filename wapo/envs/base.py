@@ -63,8 +63,9 @@ class Environment:
     stop_strings: tuple[str, ...] = field(default=(), init=False)
     """Strings that end a model turn early so the environment can answer (multi-turn only)."""
     final_stop_strings: tuple[str, ...] = field(default=(), init=False)
-    """Those of `stop_strings` after which `observe` always returns None (an answer): a rollout
-    keeps no KV cache for a row that ends in one, as no turn follows."""
+    """Those of `stop_strings` that end the episode (an answer): a rollout keeps no KV cache for
+    a row whose turn ends in one. Should the environment still answer such a turn, the episode
+    goes on correctly, running its whole context again at the next turn."""
 
     def train_set(self) -> Sequence[Sample]:
         """Training problems, in a fixed (seeded) order; the trainer cycles through them.
