@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "resumable parts, then report it")
     compare.add_argument("study", help="study file (TOML or YAML): [base.*], [axes], [study] (docs/study.md)")
     compare.add_argument("--output-dir", required=True, metavar="D", help="study folder; cells go to D/runs/<cell>")
-    compare.add_argument("--jobs", type=int, default=1, help="cells run at once, each in a subprocess with "
-                                                             "cores // jobs threads (default 1: in this process)")
+    compare.add_argument("--jobs", type=int, default=1, help="cells run at once, each in a subprocess; a new cell "
+                                                             "gets cores // jobs threads, a resumed one keeps its "
+                                                             "own (default 1: in this process)")
     compare.add_argument("--dry-run", action="store_true", help="list the cells, their state and an estimated time")
     compare.set_defaults(func=_compare)
 

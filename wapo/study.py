@@ -27,14 +27,20 @@ study (Ctrl-C, SIGTERM, a hard kill) goes on where it stopped. A finished or div
 keeps its logs; its `checkpoints/` are deleted unless `[study] keep_checkpoints = true`
 (cells never export `hf/`: `run.export_final` is false). Cells run with the seed axis
 outermost, so a study cut short has every setting's first seeds. `--jobs N` runs N cells at
-once in subprocesses, each with `model.threads` = cores // N (`OMP_NUM_THREADS` too); their
-output goes to `D/logs/<name>.log`. At the end `wapo.report` writes D/report.html and the
-summaries.
+once in subprocesses (`OMP_NUM_THREADS` set to each cell's `model.threads`); their output goes
+to `D/logs/<name>.log`. At the end `wapo.report` writes D/report.html and the summaries.
+
+A cell's thread count is one of its settings: the matmul reduction order depends on it, and
+under bf16 that changes sampled tokens. Where the study leaves `model.threads` at 0 (auto), a
+cell gets, when first created, cores // N with `--jobs N` > 1, or torch's default (what
+`OMP_NUM_THREADS` says, when set) with `--jobs 1`; its config.toml records it, and the cell
+always resumes with that count, whatever `--jobs` is then.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -57,8 +63,8 @@ from wapo.runlog import read_evals, read_metrics
 
 DONE = ("finished", "diverged")
 SEED_AXIS = "run.seed"
-IGNORED_WHEN_RESUMING = (("model", "threads"), ("run", "progress"))
-"""Settings that may differ between the runs of one cell: they change speed and display, not results."""
+IGNORED_WHEN_RESUMING = (("run", "progress"),)
+"""Settings that may differ between the runs of one cell: they change the display, not results."""
 DEFAULT_SECONDS = {"sample": 17.6 / (64 * 48), "train": 21.4 / (64 * 48)}
 """Seconds per sampled row per token of budget (`max_new_tokens`) when no cell has run yet: the
 built-in model in float32 on 2 CPU cores took 17.6 s to sample and 21.4 s to update 8 × 8 rows
@@ -105,8 +111,10 @@ class Study:
                 _set_dotted(data, key, value)
             run = data.setdefault("run", {})
             run.update(output_dir=str(out_dir / "runs" / name), export_final=False)
+            model = data.setdefault("model", {})
+            if not model.get("threads"):  # auto: the count the cell was created with, else a new cell's
+                model["threads"] = _recorded_threads(out_dir / "runs" / name) or _auto_threads(jobs)
             if jobs > 1:
-                data["model"] = {**data.get("model", {}), "threads": max(1, _cores() // jobs)}
                 run["progress"] = False
             try:
                 config = cfg.from_dict(data)
@@ -180,6 +188,23 @@ def _cell_name(values: dict[str, Any], labels: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._+=,-]", "_", name)
 
 
+def _auto_threads(jobs: int) -> int:
+    """A new cell's `model.threads` when the study leaves it at 0: cores // jobs for a --jobs
+    worker, torch's default (OMP_NUM_THREADS when set) in this process."""
+    if jobs > 1:
+        return max(1, _cores() // jobs)
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _recorded_threads(cell_dir: Path) -> int:
+    """`model.threads` of the cell's config.toml; 0 when it has none (or was written before
+    cells recorded their count)."""
+    saved = cell_dir / "config.toml"
+    return int(cfg.load_file(saved).get("model", {}).get("threads", 0)) if saved.is_file() else 0
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -238,14 +263,21 @@ def config_differences(saved: cfg.TrainConfig, wanted: cfg.TrainConfig) -> list[
 
 
 def _check_cells_match(cells: list[Cell]) -> None:
-    """A cell folder run with other settings (the study file changed) is never mixed in."""
+    """A cell folder run with other settings (the study file changed) is never mixed in; a
+    recorded thread count of 0 (written before cells recorded theirs) is unknown and matches any."""
     for cell in cells:
-        saved = cell.dir / "config.toml"
-        if saved.is_file():
-            diff = config_differences(cfg.from_dict(cfg.load_file(saved)), cell.config)
-            if diff:
-                raise cfg.ConfigError(f"{cell.dir} was run with other settings ({'; '.join(diff)}): use a new "
-                                      f"--output-dir, or delete that folder to run the cell again")
+        path = cell.dir / "config.toml"
+        if not path.is_file():
+            continue
+        saved = cfg.from_dict(cfg.load_file(path))
+        if saved.model.threads == 0:
+            saved = dataclasses.replace(saved, model=dataclasses.replace(saved.model, threads=cell.config.model.threads))
+        diff = config_differences(saved, cell.config)
+        if diff:
+            hint = (" (the thread count changes the numbers: leave model.threads out of the study file to go on "
+                    "with the recorded one)" if saved.model.threads != cell.config.model.threads else "")
+            raise cfg.ConfigError(f"{cell.dir} was run with other settings ({'; '.join(diff)}){hint}: use a new "
+                                  f"--output-dir, or delete that folder to run the cell again")
 
 
 def _check_names(cells: list[Cell]) -> None:
@@ -333,8 +365,7 @@ def _run_in_subprocesses(cells: list[Cell], out_dir: Path, jobs: int, keep: bool
 
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    threads = str(max(1, _cores() // jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE",
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                        os.environ.get("PYTHONPATH")]))}
     pending, running, failed = list(cells), {}, {}
@@ -343,10 +374,12 @@ def _run_in_subprocesses(cells: list[Cell], out_dir: Path, jobs: int, keep: bool
         while pending or running:
             while pending and len(running) < jobs:
                 cell = pending.pop(0)
+                threads = str(cell.config.model.threads)  # the cell's own (a resumed one keeps its count)
+                cell_env = {**env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
                 log = (logs / f"{cell.name}.log").open("a")
                 command = [sys.executable, "-m", "wapo.study", json.dumps(cfg.to_dict(cell.config))]
                 command += ["--keep-checkpoints"] if keep else []
-                running[subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                running[subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=cell_env,
                                          start_new_session=True)] = (cell, log)
             for proc in [p for p in running if p.poll() is not None]:
                 cell, log = running.pop(proc)

@@ -460,11 +460,10 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.toml"
     previous = from_dict(load_file(saved)) if resume and saved.is_file() else None  # read before it is rewritten
+    config = _apply_threads(config)
     saved.write_text(dump_toml(config))
 
     _seed_everything(config.run.seed)
-    if config.model.threads:
-        torch.set_num_threads(config.model.threads)
     device = resolve_device(config.model.device)
     precision = (resume and Precision.recorded(run_dir)) or Precision.resolve(config, device)
     precision.save(run_dir)
@@ -497,6 +496,7 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
         fields = checkpoint.load(last, model, optimizer, scheduler)
         _resume_schedule(scheduler, config, previous)
         progress = Progress(**{k: fields[k] for k in dataclasses.asdict(progress) if k in fields})
+        _warn_if_threads_changed(previous, config, progress.step)
         if progress.collapse:
             collapse.load_state(progress.collapse)
         print(f"Resuming {run_dir} from step {progress.step}")
@@ -595,6 +595,27 @@ def _schedule(config: TrainConfig):
         return {"constant": 1.0, "linear": 1 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[kind]
 
     return factor
+
+
+def _apply_threads(config: TrainConfig) -> TrainConfig:
+    """Set torch's CPU threads; the config with `model.threads` resolved (0: torch's default,
+    which follows OMP_NUM_THREADS), so config.toml records the count the run used."""
+    threads = config.model.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, threads=threads))
+
+
+def _warn_if_threads_changed(previous: TrainConfig | None, config: TrainConfig, step: int) -> None:
+    """Warn when a resume runs on another CPU thread count than the run recorded (0: not recorded).
+
+    The thread count sets the reduction order of CPU matmuls, so logits differ in their last
+    bits; under bf16 that flips sampled tokens (measured: the default run's step-1 reward was
+    0.3125 on 1 thread, 0.375 on 2). Allowed, since a run may move to another machine."""
+    old, new = (previous.model.threads if previous else 0), config.model.threads
+    if old and old != new:
+        warnings.warn(f"resumed with {new} CPU thread(s) where the run used {old}: from step {step + 1} on its "
+                      f"numbers (sampled tokens under bf16, float rounding in any precision) differ from those of "
+                      f"an uninterrupted run; resume with --threads {old} to keep them", stacklevel=3)
 
 
 def _resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, config: TrainConfig,
