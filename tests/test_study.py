@@ -97,9 +97,8 @@ loss_options = { eps_low = 0.2 }
     assert last.algorithm.loss == "grpo" and last.algorithm.loss_options == {"eps_low": 0.2, "eps_high": 9.0}
     assert last.run.output_dir == str(tmp_path / "D" / "runs" / "loss=grpo,seed=1,eps_high=9.0")
     assert last.run.export_final is False
-    assert last.model.threads == 0 and last.run.progress is True  # as the base says, when run in this process
-    parallel = study.cells(tmp_path / "D", jobs=2)[0].config
-    assert parallel.model.threads == max(1, len(os.sched_getaffinity(0)) // 2) and parallel.run.progress is False
+    assert last.run.progress is True  # as the base says, when run in this process
+    assert study.cells(tmp_path / "D", jobs=2)[0].config.run.progress is False
 
 
 STUDIES = sorted((Path(__file__).parent.parent / "examples").glob("study_*.toml"))
@@ -274,3 +273,102 @@ def test_jobs_run_cells_in_subprocesses_and_sigterm_stops_them_resumably(tiny_mo
     for c in cells:
         assert cell_state(c.config, c.dir) == "finished"
         assert [r["step"] for r in _metrics(c.dir)] == list(range(1, 31))
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads: a cell's count is one of its settings
+# ---------------------------------------------------------------------------------------------
+
+
+class _Worker:
+    """A finished `python -m wapo.study` worker that records its command and environment."""
+
+    started: list[tuple[dict, dict]] = []
+
+    def __init__(self, command, *, env, **kwargs):
+        _Worker.started.append((json.loads(command[3]), env))
+        self.returncode = 0
+
+    def poll(self):
+        return 0
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """compare() without training: the threads each cell would run with, by cell name."""
+    import torch
+
+    import wapo.report
+    import wapo.study as study_module
+
+    ran = {}
+    monkeypatch.setattr(study_module, "run_cell", lambda config, **k: ran.setdefault(Path(config.run.output_dir).name,
+                                                                                     config.model.threads))
+    monkeypatch.setattr(study_module.subprocess, "Popen", _Worker)
+    monkeypatch.setattr(wapo.report, "write_report", lambda out_dir: [])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # torch's default in this process
+    _Worker.started = []
+    return ran
+
+
+def test_auto_threads_are_cores_over_jobs_or_torchs_default_and_explicit_ones_are_kept(tmp_path, monkeypatch,
+                                                                                          no_training):
+    import wapo.study as study_module
+
+    monkeypatch.setattr(study_module, "_cores", lambda: 4)
+    study = load_study(_write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0, 1]\n'))
+    assert [c.config.model.threads for c in study.cells(tmp_path / "D", jobs=2)] == [2, 2]  # 4 cores // 2 jobs
+    assert [c.config.model.threads for c in study.cells(tmp_path / "D", jobs=3)] == [1, 1]  # 4 // 3
+    assert [c.config.model.threads for c in study.cells(tmp_path / "D", jobs=1)] == [3, 3]  # torch's default
+    fixed = load_study(_write(tmp_path / "f.toml", '[base.model]\nthreads = 5\n[axes]\n"run.seed" = [0]\n'))
+    assert fixed.cells(tmp_path / "E", jobs=2)[0].config.model.threads == 5
+    axis = load_study(_write(tmp_path / "a.toml", '[axes]\n"model.threads" = [0, 1]\n'))
+    assert [c.config.model.threads for c in axis.cells(tmp_path / "F", jobs=2)] == [2, 1]  # 0 is auto
+
+
+def test_a_partial_cell_resumes_with_its_recorded_threads_whatever_the_jobs(tmp_path, monkeypatch, no_training):
+    import wapo.study as study_module
+
+    monkeypatch.setattr(study_module, "_cores", lambda: 2)
+    path = _write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0, 1]\n')
+    out = tmp_path / "D"
+    first = load_study(path).cells(out, jobs=2)[0]  # created by `--jobs 2` on 2 cores: 2 // 2 = 1 thread
+    assert first.config.model.threads == 1
+    first.dir.mkdir(parents=True)
+    (first.dir / "config.toml").write_text(cfg.dump_toml(first.config))
+    (first.dir / "checkpoints" / "step_000001").mkdir(parents=True)
+    assert cell_state(first.config, first.dir) == "partial"
+
+    # --jobs 1, in this process: the partial cell keeps its 1 thread, the new one gets torch's default 3
+    assert compare(path, out, jobs=1) == 0
+    assert no_training == {"seed=0": 1, "seed=1": 3}
+
+    # --jobs 2 on a machine now with 8 cores: the partial cell's worker still runs on 1 thread, the new one on 4
+    monkeypatch.setattr(study_module, "_cores", lambda: 8)
+    assert compare(path, out, jobs=2) == 0
+    threads = {Path(config["run"]["output_dir"]).name: (config["model"]["threads"], env["OMP_NUM_THREADS"],
+                                                        env["MKL_NUM_THREADS"])
+               for config, env in _Worker.started}
+    assert threads == {"seed=0": (1, "1", "1"), "seed=1": (4, "4", "4")}
+
+
+def test_a_study_that_sets_other_threads_than_a_cell_recorded_is_refused(tmp_path, no_training):
+    out = tmp_path / "D"
+    cell = load_study(_write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0]\n')).cells(out, jobs=1)[0]
+    cell.dir.mkdir(parents=True)
+    (cell.dir / "config.toml").write_text(cfg.dump_toml(cfg.from_dict({"model": {"threads": 2}}, cell.config)))
+    (cell.dir / "checkpoints" / "step_000001").mkdir(parents=True)
+    explicit = _write(tmp_path / "t.toml", '[base.model]\nthreads = 1\n[axes]\n"run.seed" = [0]\n')
+    with pytest.raises(cfg.ConfigError, match=r"model.threads: 2 -> 1\).*leave model.threads out of the study"):
+        compare(explicit, out, jobs=1)
+    assert no_training == {}
+    same = _write(tmp_path / "u.toml", '[base.model]\nthreads = 2\n[axes]\n"run.seed" = [0]\n')
+    assert compare(same, out, jobs=1) == 0 and no_training == {"seed=0": 2}
+
+
+def test_a_cell_recorded_before_threads_were_recorded_matches_any_count(tmp_path, no_training):
+    out = tmp_path / "D"
+    cell = load_study(_write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0]\n')).cells(out, jobs=1)[0]
+    cell.dir.mkdir(parents=True)
+    (cell.dir / "config.toml").write_text(cfg.dump_toml(cfg.from_dict({"model": {"threads": 0}}, cell.config)))
+    assert compare(tmp_path / "s.toml", out, jobs=1) == 0 and no_training == {"seed=0": 3}  # auto: torch's default

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -244,3 +245,26 @@ def test_collapse_flags_are_logged_every_step_and_survive_resume(tiny_model_dir,
     assert state == trainer.collapse.state() and state["starts"]  # the detector's state is checkpointed
     with pytest.raises(cfg.ConfigError, match="--collapse-options"):
         build_trainer(_config(tiny_model_dir, tmp_path / "bad", run={"collapse_options": {"entropy_lo": 0.1}}))
+
+
+def test_the_thread_count_is_recorded_and_a_resume_on_another_warns(tiny_model_dir, tmp_path):
+    default = torch.get_num_threads()
+    run = tmp_path / "run"
+    try:
+        first = _config(tiny_model_dir, tmp_path, run={"steps": 1})
+        build_trainer(first).fit()
+        assert cfg.from_dict(cfg.load_file(run / "config.toml")).model.threads == default  # 0: torch's default
+        more = cfg.from_dict({"run": {"steps": 2}}, first)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_trainer(more, resume=run)  # threads 0 on resume: the recorded count
+            build_trainer(cfg.from_dict({"model": {"threads": default}}, more), resume=run)  # the same, explicitly
+        assert not [w for w in caught if "thread" in str(w.message)]
+        other = default + 1
+        with pytest.warns(UserWarning, match=rf"resumed with {other} CPU thread\(s\) where the run used {default}: "
+                                             rf"from step 2 on .* resume with --threads {default}"):
+            build_trainer(cfg.from_dict({"model": {"threads": other}}, more), resume=run)
+        assert torch.get_num_threads() == other  # allowed: a run may move to another machine
+        assert cfg.from_dict(cfg.load_file(run / "config.toml")).model.threads == other
+    finally:
+        torch.set_num_threads(default)

@@ -54,7 +54,7 @@ class ModelConfig:
     lora_alpha: float = 32.0
     """LoRA scaling numerator (scale = alpha / rank)."""
     threads: int = 0
-    """torch CPU threads; 0 keeps torch's default."""
+    """torch CPU threads (they set the matmul reduction order, hence the numbers); 0: a resumed run's recorded count, else torch's default. config.toml records the count used."""
 
     def __post_init__(self):
         for name in ("bf16", "bf16_sampling"):

@@ -460,7 +460,7 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.toml"
     previous = from_dict(load_file(saved)) if resume and saved.is_file() else None  # read before it is rewritten
-    config = _apply_threads(config)
+    config = _apply_threads(config, previous)
     saved.write_text(dump_toml(config))
 
     _seed_everything(config.run.seed)
@@ -597,10 +597,11 @@ def _schedule(config: TrainConfig):
     return factor
 
 
-def _apply_threads(config: TrainConfig) -> TrainConfig:
-    """Set torch's CPU threads; the config with `model.threads` resolved (0: torch's default,
-    which follows OMP_NUM_THREADS), so config.toml records the count the run used."""
-    threads = config.model.threads or torch.get_num_threads()
+def _apply_threads(config: TrainConfig, previous: TrainConfig | None) -> TrainConfig:
+    """Set torch's CPU threads; the config with `model.threads` resolved, so config.toml records
+    the count the run used. 0 resumes with the recorded count (`previous`: the run's config.toml),
+    and starts a run with torch's default (which follows OMP_NUM_THREADS)."""
+    threads = config.model.threads or (previous.model.threads if previous else 0) or torch.get_num_threads()
     torch.set_num_threads(threads)
     return dataclasses.replace(config, model=dataclasses.replace(config.model, threads=threads))
 
