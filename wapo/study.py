@@ -271,7 +271,8 @@ def _check_cells_match(cells: list[Cell]) -> None:
             continue
         saved = cfg.from_dict(cfg.load_file(path))
         if saved.model.threads == 0:
-            saved = dataclasses.replace(saved, model=dataclasses.replace(saved.model, threads=cell.config.model.threads))
+            unknown = dataclasses.replace(saved.model, threads=cell.config.model.threads)
+            saved = dataclasses.replace(saved, model=unknown)
         diff = config_differences(saved, cell.config)
         if diff:
             hint = (" (the thread count changes the numbers: leave model.threads out of the study file to go on "

@@ -496,7 +496,8 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
         fields = checkpoint.load(last, model, optimizer, scheduler)
         _resume_schedule(scheduler, config, previous)
         progress = Progress(**{k: fields[k] for k in dataclasses.asdict(progress) if k in fields})
-        _warn_if_threads_changed(previous, config, progress.step)
+        if device.type == "cpu":  # on an accelerator the threads do not touch the model's numbers
+            _warn_if_threads_changed(previous, config, progress.step)
         if progress.collapse:
             collapse.load_state(progress.collapse)
         print(f"Resuming {run_dir} from step {progress.step}")
@@ -610,13 +611,15 @@ def _warn_if_threads_changed(previous: TrainConfig | None, config: TrainConfig, 
     """Warn when a resume runs on another CPU thread count than the run recorded (0: not recorded).
 
     The thread count sets the reduction order of CPU matmuls, so logits differ in their last
-    bits; under bf16 that flips sampled tokens (measured: the default run's step-1 reward was
-    0.3125 on 1 thread, 0.375 on 2). Allowed, since a run may move to another machine."""
+    bits and sampling draws other tokens (measured on the default run's step 1, docs/study.md:
+    reward 0.3125 on 1 thread, 0.375 on 2 under bf16; in float32 equal rewards, but a completion
+    and the gradient norm differ). Allowed, since a run may move to another machine."""
     old, new = (previous.model.threads if previous else 0), config.model.threads
     if old and old != new:
         warnings.warn(f"resumed with {new} CPU thread(s) where the run used {old}: from step {step + 1} on its "
-                      f"numbers (sampled tokens under bf16, float rounding in any precision) differ from those of "
-                      f"an uninterrupted run; resume with --threads {old} to keep them", stacklevel=3)
+                      f"numbers differ from an uninterrupted run's (the matmul reduction order changes, so other "
+                      f"tokens are sampled: often under bf16, more rarely in float32); resume with --threads {old} "
+                      f"to keep them", stacklevel=3)
 
 
 def _resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, config: TrainConfig,
