@@ -134,3 +134,20 @@ def test_the_report_renders_in_headless_chromium(study_dir, tmp_path):
     assert len(body_rows) == 2
     assert re.findall(r"<td>(.*?)</td>", body_rows[1])[:2] == ["grpo", "3 (2)"]
     assert "2/3 (diverged entropy)" in body_rows[1]
+
+
+def test_threads_split_settings_only_when_they_are_a_study_axis():
+    from types import SimpleNamespace
+
+    from wapo.report import setting_axes
+
+    def run(loss, threads, seed):
+        config = cfg.from_dict({"algorithm": {"loss": loss}, "model": {"threads": threads},
+                                "run": {"seed": seed, "output_dir": f"d{loss}{threads}{seed}"}})
+        return SimpleNamespace(config=config)
+
+    runs = [run("wapo", 1, 0), run("wapo", 2, 1), run("grpo", 1, 0), run("grpo", 2, 1)]
+    # threads differing as --jobs set them: one setting per objective
+    assert setting_axes(runs, ["algorithm.loss", "run.seed"]) == ["algorithm.loss"]
+    # a thread axis in the study file: its values are settings of their own
+    assert setting_axes(runs, ["algorithm.loss", "model.threads", "run.seed"]) == ["algorithm.loss", "model.threads"]

@@ -146,7 +146,8 @@ def setting_axes(runs: list[Run], study_axes: list[str]) -> list[str]:
     keys = list(dict.fromkeys(k for f in flats for k in f))
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
     ordered = ["algorithm.loss"] + study_axes + differ
-    return [k for k in dict.fromkeys(ordered) if k not in NOT_AN_AXIS]
+    # threads that merely differ between cells (set by --jobs) do not split a setting; a thread axis does
+    return [k for k in dict.fromkeys(ordered) if k not in NOT_AN_AXIS or (k in study_axes and k != SEED_AXIS)]
 
 
 def group_settings(runs: list[Run], axes: list[str], study_axes: dict[str, list]) -> list[tuple[dict, list[Run]]]:
