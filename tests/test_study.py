@@ -117,6 +117,29 @@ def test_values_that_name_the_same_folder_are_refused(tmp_path):
         study.cells(tmp_path / "D")
 
 
+def test_only_runs_the_cells_with_the_chosen_axis_values(tmp_path, no_training):
+    study = _write(tmp_path / "s.toml", '[axes]\n"algorithm.loss" = ["wapo", "grpo", "dapo"]\n'
+                                        '"optim.lr" = [2e-5, 1e-4]\n"run.seed" = [0, 1]\n')
+    # a label or the dotted key; 1e-4 and 0.0001 are the same number; one key's values are alternatives
+    assert compare(study, tmp_path / "D", only=["lr=1e-4", "algorithm.loss=grpo", "loss=dapo"]) == 0
+    assert sorted(no_training) == ["loss=dapo,lr=0.0001,seed=0", "loss=dapo,lr=0.0001,seed=1",
+                                   "loss=grpo,lr=0.0001,seed=0", "loss=grpo,lr=0.0001,seed=1"]
+    assert list(no_training.values()) == [3, 3, 3, 3]  # seed outermost still: the first two are seed 0
+    assert [name.endswith("seed=0") for name in no_training] == [True, True, False, False]
+
+
+@pytest.mark.parametrize("only, message", [
+    (["lr"], "KEY=VALUE"),
+    (["beta=0.1"], "one of the study's axes"),
+    (["lr=3e-4"], "has no value '3e-4'"),
+])
+def test_only_refuses_keys_and_values_the_study_does_not_have(tmp_path, only, message, no_training):
+    study = _write(tmp_path / "s.toml", '[axes]\n"optim.lr" = [2e-5, 1e-4]\n')
+    with pytest.raises(cfg.ConfigError, match=message):
+        compare(study, tmp_path / "D", only=only)
+    assert no_training == {}
+
+
 def _rows(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

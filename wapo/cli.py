@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "gets cores // jobs threads, a resumed one keeps its "
                                                              "own (default 1: in this process)")
     compare.add_argument("--dry-run", action="store_true", help="list the cells, their state and an estimated time")
+    compare.add_argument("--only", action="append", metavar="KEY=VALUE",
+                         help="run only the cells with this axis value (repeatable: one key's values are "
+                              "alternatives, different keys must all match), e.g. --only lr=1e-4")
     compare.set_defaults(func=_compare)
 
     report = sub.add_parser("report", help="D/report.html, D/summary.csv and D/summary.md from the runs in D/runs")
@@ -157,7 +160,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from wapo.study import compare
 
-    return compare(args.study, args.output_dir, jobs=args.jobs, dry_run=args.dry_run)
+    return compare(args.study, args.output_dir, jobs=args.jobs, dry_run=args.dry_run, only=args.only)
 
 
 def _report(args: argparse.Namespace) -> int:

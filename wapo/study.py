@@ -303,8 +303,14 @@ def _check_names(cells: list[Cell]) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_run: bool = False) -> int:
-    """Run every unfinished cell of the study into `out_dir`, then write the report; exit status."""
+def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_run: bool = False,
+            only: list[str] | None = None) -> int:
+    """Run every unfinished cell of the study into `out_dir`, then write the report; exit status.
+
+    `only` (`--only KEY=VALUE`, repeatable) runs a subset first: the cells whose axis KEY (the
+    dotted key or its label in cell names) has VALUE; values of one key are alternatives, different
+    keys must all match. The report still covers every cell in `out_dir`.
+    """
     if jobs < 1:
         raise cfg.ConfigError(f"--jobs must be >= 1, got {jobs}")
     out_dir = Path(out_dir)
@@ -312,6 +318,8 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
     cells = study.cells(out_dir, jobs=jobs)
     _check_cells_match(cells)
     _check_names(cells)
+    if only:
+        cells = select_cells(cells, study, only)
     states = {c.name: cell_state(c.config, c.dir) for c in cells}
     if dry_run:
         print_plan(cells, states, out_dir, jobs)
@@ -338,6 +346,39 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
     for name, where in failed.items():
         print(f"cell {name} failed: see {where}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def select_cells(cells: list[Cell], study: Study, only: list[str]) -> list[Cell]:
+    """The cells matching every key of `only` (["KEY=VALUE", ...]; one key's values are alternatives)."""
+    labels = _labels(list(study.axes))
+    by_name = {**{k: k for k in study.axes}, **{label: k for k, label in labels.items()}}
+    wanted: dict[str, list] = {}
+    for item in only:
+        name, sep, text = item.partition("=")
+        key = by_name.get(name.strip())
+        if not sep or key is None:
+            raise cfg.ConfigError(f"--only {item!r}: use KEY=VALUE with KEY one of the study's axes "
+                                  f"({', '.join(f'{labels[k]} ({k})' for k in study.axes)})")
+        value = _parse_value(text.strip())
+        matches = [v for v in study.axes[key] if v == value or (isinstance(v, str) and v == text.strip())]
+        if not matches:
+            raise cfg.ConfigError(f"--only {item!r}: axis {key!r} has no value {text.strip()!r}; "
+                                  f"its values: {study.axes[key]!r}")
+        wanted.setdefault(key, []).extend(matches)
+    chosen = [c for c in cells if all(c.values[k] in vs for k, vs in wanted.items())]
+    return chosen
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as TOML reads it (1e-4 -> 0.0001, 4 -> 4, true -> True), else the text."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def _run_here(cells: list[Cell], out_dir: Path, jobs: int, keep: bool) -> dict[str, str]:
