@@ -53,15 +53,13 @@ def test_sampler_lag_takes_0_or_1():
         cfg.from_dict({"algorithm": {"sampler_lag": 2}})
 
 
-@pytest.mark.parametrize(("bf16_sampling", "lora"), [("false", 0), ("true", 0), ("false", 4)])
-def test_the_sampler_holds_the_weights_from_before_the_previous_update(tiny_model_dir, tmp_path, monkeypatch,
-                                                                        bf16_sampling, lora):
-    trainer = build_trainer(_config(tiny_model_dir, tmp_path / "run", model={"bf16_sampling": bf16_sampling,
-                                                                             "lora_rank": lora}))
+
+def _record_weights_per_step(trainer, monkeypatch) -> tuple[set[str], list[dict], list[dict]]:
+    """The trainable parameters' names, and two lists that fill as `trainer` fits: the policy's
+    trainable weights before the first step and after each step, and the sampler's after each step."""
     names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
-    policy = [_trainable(trainer.model)]  # θ0, θ1, θ2, ...
-    sampler, sampled_with = [], []
-    real_step, real_rollout = trainer.train_step, trainer_module.rollout
+    policy, sampler = [_trainable(trainer.model)], []
+    real_step = trainer.train_step
 
     def step():
         out = real_step()
@@ -69,11 +67,21 @@ def test_the_sampler_holds_the_weights_from_before_the_previous_update(tiny_mode
         sampler.append(_trainable(trainer.sampler, names))
         return out
 
+    monkeypatch.setattr(trainer, "train_step", step)
+    return names, policy, sampler
+
+@pytest.mark.parametrize(("bf16_sampling", "lora"), [("false", 0), ("true", 0), ("false", 4)])
+def test_the_sampler_holds_the_weights_from_before_the_previous_update(tiny_model_dir, tmp_path, monkeypatch,
+                                                                        bf16_sampling, lora):
+    trainer = build_trainer(_config(tiny_model_dir, tmp_path / "run", model={"bf16_sampling": bf16_sampling,
+                                                                             "lora_rank": lora}))
+    names, policy, sampler = _record_weights_per_step(trainer, monkeypatch)  # policy: θ0, θ1, θ2, ...
+    sampled_with, real_rollout = [], trainer_module.rollout
+
     def rollout(model, *args, **kwargs):
         sampled_with.append(model)
         return real_rollout(model, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_step", step)
     monkeypatch.setattr(trainer_module, "rollout", rollout)
     trainer.fit()
     assert len(sampled_with) == len(sampler) == 3 and len(policy) == 4  # one rollout per step, 3 steps
@@ -281,21 +289,13 @@ def test_a_skipped_step_still_moves_the_sampler_to_the_weights_it_started_from(t
     # step 3's loss is non-finite, so its update takes no optimizer step: the sampler must still
     # take θ2 at the end of it (after step t it holds θ_{t−1} whatever step t did)
     trainer = build_trainer(_config(tiny_model_dir, tmp_path / "run", algorithm={"mini_batches": 1}))
-    names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
-    policy, sampler = [_trainable(trainer.model)], []
-    real_step, real_loss = trainer.train_step, update_module.policy_loss
-
-    def step():
-        out = real_step()
-        policy.append(_trainable(trainer.model))
-        sampler.append(_trainable(trainer.sampler, names))
-        return out
+    names, policy, sampler = _record_weights_per_step(trainer, monkeypatch)
+    real_loss = update_module.policy_loss
 
     def loss(*args, **kwargs):
         out = real_loss(*args, **kwargs)
         return dataclasses.replace(out, loss=out.loss * float("nan")) if trainer.progress.step == 2 else out
 
-    monkeypatch.setattr(trainer, "train_step", step)
     monkeypatch.setattr(update_module, "policy_loss", loss)
     with pytest.warns(UserWarning, match="step 3: non-finite loss or gradient, update skipped"):
         trainer.fit()
