@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -92,6 +93,30 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     md = (study_dir / "summary.md").read_text()
     assert "| wapo | 3 (3) | 0.500 ± 0.000 | 0.767 ± 0.115 | 0.733 ± 0.153 |" in md
     assert "| 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 | runs/loss=grpo,seed=0; " in md
+
+
+def test_each_objective_is_compared_with_wapo_paired_by_seed(study_dir):
+    with (study_dir / "summary.csv").open() as f:
+        wapo, grpo = list(csv.DictReader(f))
+    # grpo's finals: seed 0 0.6, seed 1 none (diverged), seed 2 0.4; wapo's: 0.7, 0.6, 0.9.
+    # pairs: seeds 0 and 2 -> 0.6 − 0.7 = −0.1, 0.4 − 0.9 = −0.5: mean −0.3, sd sqrt(2 · 0.2² / 1) = 0.28284,
+    # half-width t(1 df) 12.706 × 0.28284 / sqrt(2) = 2.5412
+    assert (grpo["reference"], grpo["paired_seeds"]) == ("wapo", "2")
+    assert float(grpo["greedy_final_minus_reference_mean"]) == pytest.approx(-0.3)
+    assert float(grpo["greedy_final_minus_reference_ci95"]) == pytest.approx(2.5412, abs=1e-4)
+    assert (wapo["paired_seeds"], float(wapo["greedy_final_minus_reference_mean"])) == ("3", 0.0)
+    md = (study_dir / "summary.md").read_text()
+    assert "| grpo | 2 | -0.300 ± 2.541 | 2/3 | 0/3 |" in md
+    assert '<table id="reference">' in (study_dir / "report.html").read_text()
+
+
+def test_the_paired_interval_uses_students_t():
+    from wapo.report import paired_interval
+
+    # 5 pairs: mean 0.1, sd sqrt(((−0.1)² + 0 + 0.1² + 0 + 0) / 4) = 0.070711, t(4 df) 2.776 × 0.070711 / sqrt(5)
+    mean, half = paired_interval([0.0, 0.1, 0.2, 0.1, 0.1])
+    assert mean == pytest.approx(0.1) and half == pytest.approx(2.776 * 0.070711 / 5 ** 0.5, abs=1e-5)
+    assert math.isnan(paired_interval([0.3])[1])
 
 
 def test_runs_logged_without_flags_are_replayed_through_the_detector(tmp_path):

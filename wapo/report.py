@@ -12,7 +12,9 @@ The axes shown are the config keys that differ between runs, plus those of D/stu
 - one table row: held-out greedy accuracy and pass@k before training / at their peak over all
   evaluations / after training (mean ± std over seeds, n − 1 denominator), collapses (seeds
   with a `collapsed` step or a run the trainer stopped for non-finite steps), steps to the first
-  collapse, seconds per step (sampling + update), and the run folders the numbers come from.
+  collapse, seconds per step (sampling + update), and the run folders the numbers come from;
+- against the reference objective (WAPO where the study has it, else the first): the final
+  greedy accuracy's difference, paired by seed, with a 95% t interval, and both collapse counts.
 
 Collapse flags are read from metrics.jsonl (`wapo.collapse`); a run logged without them is
 replayed through `CollapseDetector()` with default thresholds. Written: D/report.html (plots
@@ -202,6 +204,43 @@ def summarize(values: dict, runs: list[Run], out_dir: Path) -> dict[str, Any]:
     return row
 
 
+T95 = [math.nan, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+       2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+       2.045, 2.042]
+"""Two-sided 95% quantiles of Student's t by degrees of freedom (the index); 1.96 beyond 30."""
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float]:
+    """Mean of paired differences and the half-width of its 95% t interval (NaN below 2 pairs)."""
+    mean, std = _mean_std(diffs)
+    n = len(diffs)
+    t = T95[n - 1] if n - 1 < len(T95) else 1.96
+    return mean, (t * std / math.sqrt(n) if n > 1 else math.nan)
+
+
+def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict]) -> str | None:
+    """Add to each row its final greedy accuracy minus the reference objective's (WAPO where the study
+    has it, else the first objective) in the setting that differs only in the loss, paired by seed
+    over the seeds both have a final evaluation for: `reference`, `paired_seeds`,
+    `greedy_final_minus_reference_mean` and `..._ci95` (95% t interval half-width). The reference."""
+    losses = [values.get("algorithm.loss") for values, _ in settings]
+    if len(set(losses)) < 2:
+        return None
+    reference = "wapo" if "wapo" in losses else losses[0]
+    finals = {}
+    for values, runs in settings:
+        key = json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str)
+        finals[(values.get("algorithm.loss"), key)] = {r.seed: r.eval_value(EVALS["greedy"], "final") for r in runs}
+    for (values, _), row in zip(settings, rows):
+        key = json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str)
+        mine, ref = finals[(values.get("algorithm.loss"), key)], finals.get((reference, key), {})
+        seeds = [s for s in sorted(mine) if s in ref and not math.isnan(mine[s]) and not math.isnan(ref[s])]
+        mean, half = paired_interval([mine[s] - ref[s] for s in seeds]) if seeds else (math.nan, math.nan)
+        row.update(reference=reference, paired_seeds=len(seeds), greedy_final_minus_reference_mean=mean,
+                   greedy_final_minus_reference_ci95=half)
+    return reference
+
+
 def _label(key: str, values: dict) -> str:
     last = key.split(".")[-1]
     return last if [k.split(".")[-1] for k in values].count(last) == 1 else key
@@ -222,11 +261,16 @@ def write_report(out_dir: str | Path) -> list[Path]:
     axes = setting_axes(runs, list(study_axes))
     settings = group_settings(runs, axes, study_axes)
     rows = [summarize(values, members, out_dir) for values, members in settings]
+    reference = compare_to_reference(settings, rows)
     labels = [_label(k, settings[0][0]) for k in axes]
     paths = [out_dir / "summary.csv", out_dir / "summary.md", out_dir / "report.html"]
     _write_csv(paths[0], rows)
-    paths[1].write_text(_markdown(labels, rows) + "\n")
-    paths[2].write_text(_html(out_dir, study.get("study", {}).get("description", ""), labels, settings, rows))
+    markdown = _markdown(*_table(labels, rows))
+    if reference:
+        markdown += f"\n\n{_reference_note(reference)}\n\n" + _markdown(*_reference_table(labels, rows, reference))
+    paths[1].write_text(markdown + "\n")
+    paths[2].write_text(_html(out_dir, study.get("study", {}).get("description", ""), labels, settings, rows,
+                              reference))
     return paths
 
 
@@ -261,21 +305,51 @@ def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[st
     return header, body
 
 
-def _markdown(labels: list[str], rows: list[dict]) -> str:
-    header, body = _table(labels, rows)
+def _reference_note(reference: str) -> str:
+    return (f"Final greedy accuracy against {reference}, paired by seed: this objective's minus {reference}'s "
+            f"over the seeds both have a final evaluation for (a diverged run has none), mean ± the half-width "
+            f"of its 95% t interval.")
+
+
+def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the comparison with the reference objective (rows of the other objectives)."""
+    header = labels + ["paired seeds", f"greedy final − {reference}", "collapses", f"{reference} collapses"]
+    loss = labels[0]  # setting_axes puts algorithm.loss first
+    key = lambda row: json.dumps({a: row[a] for a in labels[1:]}, sort_keys=True, default=str)  # noqa: E731
+    ref = {key(row): row for row in rows if row[loss] == reference}
+    body = []
+    for row in rows:
+        if row[loss] == reference:
+            continue
+        mean, half = row["greedy_final_minus_reference_mean"], row["greedy_final_minus_reference_ci95"]
+        diff = "—" if math.isnan(mean) else f"{mean:+.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
+        other = ref.get(key(row))
+        body.append([str(row[a]) for a in labels] + [str(row["paired_seeds"]), diff, f"{row['collapses']}/{row['seeds']}",
+                     f"{other['collapses']}/{other['seeds']}" if other else "—"])
+    return header, body
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
     return "\n".join(lines)
 
 
-def _html(out_dir: Path, description: str, labels: list[str], settings: list[tuple[dict, list[Run]]],
-          rows: list[dict]) -> str:
-    header, body = _table(labels, rows)
+def _html_table(table_id: str, header: list[str], body: list[list[str]]) -> str:
     esc = html.escape
-    table = ('<table id="summary"><thead><tr>' + "".join(f"<th>{esc(h)}</th>" for h in header)
-             + "</tr></thead><tbody>"
-             + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in body)
-             + "</tbody></table>")
+    return (f'<table id="{table_id}"><thead><tr>' + "".join(f"<th>{esc(h)}</th>" for h in header)
+            + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in body)
+            + "</tbody></table>")
+
+
+def _html(out_dir: Path, description: str, labels: list[str], settings: list[tuple[dict, list[Run]]],
+          rows: list[dict], reference: str | None = None) -> str:
+    esc = html.escape
+    table = _html_table("summary", *_table(labels, rows))
+    if reference:
+        table += (f"<h2>Against {esc(reference)}</h2><p>{esc(_reference_note(reference))}</p>"
+                  + _html_table("reference", *_reference_table(labels, rows, reference)))
     parts = [f"<h1>Study report: {esc(out_dir.name)}</h1>",
              f"<p>{esc(description)}</p>" if description else "",
              f"<p>{sum(len(m) for _, m in settings)} runs in {len(settings)} settings, from <code>{esc(str(out_dir))}"
