@@ -20,11 +20,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or (
     "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
-def _run(out: Path, loss: str, seed: int, rewards: list, entropies: list, evals: list, **extra) -> Path:
+def _run(out: Path, loss: str, seed: int, rewards: list, entropies: list, evals: list, *, variant: str = "",
+         optim: dict | None = None, **extra) -> Path:
     """A run folder as the trainer leaves it: config.toml, metrics.jsonl (3 steps), eval.jsonl."""
-    d = out / "runs" / f"loss={loss},seed={seed}"
+    d = out / "runs" / (f"loss={loss},seed={seed}" + (f",variant={variant}" if variant else ""))
     d.mkdir(parents=True)
-    config = cfg.from_dict({"algorithm": {"loss": loss}, "run": {
+    config = cfg.from_dict({"algorithm": {"loss": loss}, "optim": optim or {}, "run": {
         "seed": seed, "steps": 3, "eval_size": 4, "eval_samples": 2, "max_bad_steps": 2, "output_dir": str(d)}})
     (d / "config.toml").write_text(cfg.dump_toml(config))
     rows = [{"step": t, "reward_mean": r, "entropy": h, "truncated_frac": 0.0, "time_sample": 1.0, "time_train": 2.0,
@@ -110,6 +111,27 @@ def test_each_objective_is_compared_with_wapo_paired_by_seed(study_dir):
     assert '<table id="reference">' in (study_dir / "report.html").read_text()
 
 
+def test_variants_are_a_column_and_hide_the_keys_they_set(tmp_path):
+    up, h = [0.3, 0.5, 0.7], [2.0, 1.8, 1.6]
+    for loss in ("wapo", "grpo"):
+        for seed, final in enumerate((0.6, 0.8) if loss == "wapo" else (0.5, 0.5)):
+            _run(tmp_path, loss, seed, up, h, [(0, "before", 0.5), (3, "after", final)], variant="hot",
+                 optim={"lr": 1e-4, "warmup_steps": 2})
+            _run(tmp_path, loss, seed, up, h, [(0, "before", 0.5), (3, "after", final - 0.1)], variant="base")
+    (tmp_path / "study.toml").write_text('[axes]\n"algorithm.loss" = ["wapo", "grpo"]\n"run.seed" = [0, 1]\n'
+                                         '[variants]\nbase = {}\nhot = { "optim.lr" = 1e-4, "optim.warmup_steps" = 2 }\n')
+    write_report(tmp_path)
+    with (tmp_path / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["loss"], r["variant"]) for r in rows] == [("wapo", "base"), ("wapo", "hot"), ("grpo", "base"),
+                                                         ("grpo", "hot")]
+    assert "lr" not in rows[0] and "warmup_steps" not in rows[0]  # the variant names them
+    # grpo against wapo within each variant: (0.5 − 0.6, 0.5 − 0.8) and (0.4 − 0.5, 0.4 − 0.7): both mean −0.2
+    assert [float(r["greedy_final_minus_reference_mean"]) for r in rows] == pytest.approx([0, 0, -0.2, -0.2])
+    assert float(rows[2]["greedy_final_mean"]) == pytest.approx(0.4)
+    assert "| grpo | hot | 2 | -0.200 ± 1.271 | 0/2 | 0/2 |" in (tmp_path / "summary.md").read_text()
+
+
 def test_the_paired_interval_uses_students_t():
     from wapo.report import paired_interval
 
@@ -169,7 +191,7 @@ def test_threads_split_settings_only_when_they_are_a_study_axis():
     def run(loss, threads, seed):
         config = cfg.from_dict({"algorithm": {"loss": loss}, "model": {"threads": threads},
                                 "run": {"seed": seed, "output_dir": f"d{loss}{threads}{seed}"}})
-        return SimpleNamespace(config=config)
+        return SimpleNamespace(config=config, variant=None)
 
     runs = [run("wapo", 1, 0), run("wapo", 2, 1), run("grpo", 1, 0), run("grpo", 2, 1)]
     # threads differing as --jobs set them: one setting per objective

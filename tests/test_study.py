@@ -101,6 +101,45 @@ loss_options = { eps_low = 0.2 }
     assert study.cells(tmp_path / "D", jobs=2)[0].config.run.progress is False
 
 
+def test_variants_are_one_more_axis_whose_values_set_several_keys(tmp_path, no_training):
+    path = _write(tmp_path / "s.toml", """
+[base.optim]
+lr = 2e-5
+[axes]
+"algorithm.loss" = ["wapo", "dapo"]
+"run.seed" = [0, 1]
+[variants]
+base = {}
+hot = { "optim.lr" = 1e-4 }
+ppo = { "algorithm.mini_batches" = 2, "algorithm.sampler_lag" = 1, "algorithm.loss_options.eps_high" = 0.5 }
+""")
+    cells = load_study(path).cells(tmp_path / "D")
+    assert len(cells) == 2 * 2 * 3
+    assert [c.name for c in cells[:3]] == ["loss=wapo,seed=0,variant=base", "loss=wapo,seed=0,variant=hot",
+                                           "loss=wapo,seed=0,variant=ppo"]
+    by_name = {c.name: c.config for c in cells}
+    base, hot, ppo = (by_name[f"loss=dapo,seed=1,variant={v}"] for v in ("base", "hot", "ppo"))
+    assert (base.optim.lr, hot.optim.lr, ppo.optim.lr) == (2e-5, 1e-4, 2e-5)
+    assert (base.algorithm.mini_batches, ppo.algorithm.mini_batches, ppo.algorithm.sampler_lag) == (1, 2, 1)
+    assert (base.algorithm.loss_options, ppo.algorithm.loss_options) == ({}, {"eps_high": 0.5})
+    assert hot.run.seed == 1 and hot.algorithm.loss == "dapo"
+    assert compare(path, tmp_path / "D", only=["variant=ppo", "seed=0"]) == 0
+    assert sorted(no_training) == ["loss=dapo,seed=0,variant=ppo", "loss=wapo,seed=0,variant=ppo"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[axes]\n"optim.lr" = [1e-5]\n[variants]\nhot = { "optim.lr" = 1e-4 }\n', "also an axis"),
+    ('[variants]\nhot = { "optim.learning_rate" = 1e-4 }\n', "not a config key"),
+    ('[variants]\n"a b" = {}\n', "folder names"),
+    ('[variants]\nhot = 1e-4\n', "table of dotted keys"),
+    ('[variants]\nx = { "run.output_dir" = "y" }\n', "set by the study"),
+    ('[axes]\nvariant = [1]\n', "not a config key"),
+])
+def test_bad_variants_fail_before_any_work(tmp_path, text, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        load_study(_write(tmp_path / "s.toml", text))
+
+
 STUDIES = sorted((Path(__file__).parent.parent / "examples").glob("study_*.toml"))
 
 

@@ -29,6 +29,7 @@ import html
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 from wapo import config as cfg
 from wapo.collapse import FLAGS, CollapseDetector
 from wapo.runlog import read_evals, read_metrics
-from wapo.study import SEED_AXIS, cell_state
+from wapo.study import SEED_AXIS, VARIANT_AXIS, cell_state
 from wapo.taxonomy import BINS
 
 NOT_AN_AXIS = ("run.output_dir", SEED_AXIS, "model.threads", "run.progress")
@@ -60,6 +61,8 @@ class Run:
     collapse_steps: list[int] = field(default_factory=list)
     """Steps whose `collapsed` flag is up."""
     collapse_kinds: set[str] = field(default_factory=set)
+    variant: str | None = None
+    """The study variant its folder name says (`...,variant=NAME`), if any."""
 
     @property
     def seed(self) -> int:
@@ -104,8 +107,9 @@ def load_runs(out_dir: Path) -> list[Run]:
     runs = []
     for saved in sorted((out_dir / "runs").glob("*/config.toml")):
         config = cfg.from_dict(cfg.load_file(saved))
+        variant = re.search(rf"(?:^|,){VARIANT_AXIS}=([^,]+)", saved.parent.name)
         run = Run(saved.parent, config, read_metrics(saved.parent), read_evals(saved.parent),
-                  cell_state(config, saved.parent))
+                  cell_state(config, saved.parent), variant=variant.group(1) if variant else None)
         _collapse_flags(run)
         runs.append(run)
     if not runs:
@@ -142,11 +146,17 @@ def _flat(config: cfg.TrainConfig) -> dict[str, Any]:
     return out
 
 
-def setting_axes(runs: list[Run], study_axes: list[str]) -> list[str]:
-    """The keys that tell settings apart: the loss, the study's axes, any other key that differs."""
-    flats = [_flat(r.config) for r in runs]
+def _settings_of(run: Run) -> dict[str, Any]:
+    """The run's flat config, and its variant when it has one."""
+    return {**_flat(run.config), **({VARIANT_AXIS: run.variant} if run.variant else {})}
+
+
+def setting_axes(runs: list[Run], study_axes: list[str], hidden: set[str] = frozenset()) -> list[str]:
+    """The keys that tell settings apart: the loss, the study's axes, any other key that differs
+    (but those in `hidden`: keys the study's variants set, told apart by the variant)."""
+    flats = [_settings_of(r) for r in runs]
     keys = list(dict.fromkeys(k for f in flats for k in f))
-    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1 and k not in hidden]
     ordered = ["algorithm.loss"] + study_axes + differ
     # threads that merely differ between cells (set by --jobs) do not split a setting; a thread axis does
     return [k for k in dict.fromkeys(ordered) if k not in NOT_AN_AXIS or (k in study_axes and k != SEED_AXIS)]
@@ -156,7 +166,7 @@ def group_settings(runs: list[Run], axes: list[str], study_axes: dict[str, list]
     """(axis values, runs sorted by seed) per setting; settings in the study's value order."""
     groups: dict[str, tuple[dict, list[Run]]] = {}
     for run in runs:
-        flat = _flat(run.config)
+        flat = _settings_of(run)
         values = {k: flat.get(k) for k in axes}
         groups.setdefault(json.dumps(values, sort_keys=True, default=str), (values, []))[1].append(run)
 
@@ -257,8 +267,9 @@ def write_report(out_dir: str | Path) -> list[Path]:
     runs = load_runs(out_dir)
     copies = [out_dir / f"study{suffix}" for suffix in (".toml", ".yaml", ".yml")]
     study = next((cfg.load_file(path) for path in copies if path.is_file()), {})
-    study_axes = study.get("axes", {})
-    axes = setting_axes(runs, list(study_axes))
+    variants = study.get("variants", {})
+    study_axes = {**study.get("axes", {}), **({VARIANT_AXIS: list(variants)} if variants else {})}
+    axes = setting_axes(runs, list(study_axes), {k for v in variants.values() for k in v} - set(study_axes))
     settings = group_settings(runs, axes, study_axes)
     rows = [summarize(values, members, out_dir) for values, members in settings]
     reference = compare_to_reference(settings, rows)

@@ -2,7 +2,8 @@
 
 A study file (docs/study.md) holds `[base.<section>]` tables (any section of a `wapo train
 --config` file), `[axes]` (dotted config keys → lists of values; the cells are their product)
-and optionally `[study]` (`keep_checkpoints`, `description`):
+optionally `[variants]` (named bundles of settings, one more axis: `variant`) and `[study]`
+(`keep_checkpoints`, `description`):
 
     [base.run]
     steps = 15
@@ -10,9 +11,12 @@ and optionally `[study]` (`keep_checkpoints`, `description`):
     "algorithm.loss" = ["wapo", "grpo"]
     "run.seed" = [0, 1, 2]
     "algorithm.loss_options.eps_high" = [0.28, 9.0]    # a key inside a table-valued field
+    [variants]                                         # each: dotted keys -> values, set together
+    base = {}
+    ppo = { "algorithm.mini_batches" = 4, "algorithm.sampler_lag" = 1 }
 
 Each cell is an ordinary run folder, `D/runs/<name>` with `<name>` its axis values
-(`loss=grpo,seed=1,eps_high=9.0`), run with `wapo.trainer.build_trainer` + `fit()`. Its state
+(`loss=grpo,seed=1,eps_high=9.0`, then `variant=ppo` when there are variants), run with `wapo.trainer.build_trainer` + `fit()`. Its state
 is read from the folder alone:
 
     finished  metrics.jsonl's last row is step `run.steps` and, when `run.eval_size` > 0,
@@ -63,6 +67,8 @@ from wapo.runlog import read_evals, read_metrics
 
 DONE = ("finished", "diverged")
 SEED_AXIS = "run.seed"
+VARIANT_AXIS = "variant"
+"""The axis of a study's [variants]: its values are their names."""
 IGNORED_WHEN_RESUMING = (("run", "progress"),)
 """Settings that may differ between the runs of one cell: they change the display, not results."""
 DEFAULT_SECONDS = {"sample": 17.6 / (64 * 48), "train": 21.4 / (64 * 48)}
@@ -89,25 +95,35 @@ class Study:
     base: dict[str, dict]
     axes: dict[str, list]
     keep_checkpoints: bool = False
+    variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Variant name -> {dotted key: value}: settings applied together, one more axis ("variant")."""
     description: str = ""
     text: str = ""
     """The study file as written (copied to D/study.toml, or .yaml)."""
 
+    @property
+    def all_axes(self) -> dict[str, list]:
+        """The [axes], then the variants' names as the axis "variant" when there are any."""
+        return {**self.axes, **({VARIANT_AXIS: list(self.variants)} if self.variants else {})}
+
     def cells(self, out_dir: Path, *, jobs: int = 1) -> list[Cell]:
         """Every cell's config, in run order (seed axis outermost); fails on any bad value."""
-        keys = sorted(self.axes, key=lambda k: k != SEED_AXIS)  # stable: the file's order otherwise
-        labels = _labels(list(self.axes))
+        axes = self.all_axes
+        keys = sorted(axes, key=lambda k: k != SEED_AXIS)  # stable: the file's order otherwise
+        labels = _labels(list(axes))
         cells, names = [], {}
-        for combo in itertools.product(*(self.axes[k] for k in keys)):
+        for combo in itertools.product(*(axes[k] for k in keys)):
             chosen = dict(zip(keys, combo))
-            values = {k: chosen[k] for k in self.axes}  # names in the file's order
+            values = {k: chosen[k] for k in axes}  # names in the file's order
             name = _cell_name(values, labels)
             if name in names:
                 raise cfg.ConfigError(f"cells {names[name]} and {values} both get the folder name {name!r}: "
                                       "make the axis values differ in letters or digits")
             names[name] = values
             data = copy.deepcopy(self.base)
-            for key, value in values.items():
+            settings = {**self.variants.get(values.get(VARIANT_AXIS), {}),
+                        **{k: v for k, v in values.items() if k != VARIANT_AXIS}}
+            for key, value in settings.items():
                 _set_dotted(data, key, value)
             run = data.setdefault("run", {})
             run.update(output_dir=str(out_dir / "runs" / name), export_final=False)
@@ -128,9 +144,10 @@ def load_study(path: str | Path) -> Study:
     """Read and check a study file (TOML or YAML): sections, axis keys and values."""
     path = Path(path)
     data = cfg.load_file(path)
-    unknown = sorted(set(data) - {"study", "base", "axes"})
+    unknown = sorted(set(data) - {"study", "base", "axes", "variants"})
     if unknown:
-        raise cfg.ConfigError(f"{path}: unknown table(s) {unknown}; a study file has [study], [base.*] and [axes]")
+        raise cfg.ConfigError(f"{path}: unknown table(s) {unknown}; a study file has [study], [base.*], [axes] "
+                              f"and [variants]")
     meta = data.get("study", {})
     bad = sorted(set(meta) - {"keep_checkpoints", "description"})
     if bad:
@@ -147,9 +164,23 @@ def load_study(path: str | Path) -> Study:
             raise cfg.ConfigError(f"{path}: axis {key!r} needs a non-empty list of values, got {values!r}")
         if len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
             raise cfg.ConfigError(f"{path}: axis {key!r} lists a value twice: {values!r}")
+    variants = data.get("variants", {})
+    if VARIANT_AXIS in axes:
+        raise cfg.ConfigError(f"{path}: {VARIANT_AXIS!r} is the axis of [variants], not a config key")
+    for name, settings in variants.items():
+        if not isinstance(settings, dict):
+            raise cfg.ConfigError(f"{path}: variant {name!r} needs a table of dotted keys -> values, got {settings!r}")
+        if re.search(r"[^A-Za-z0-9._+-]", name):
+            raise cfg.ConfigError(f"{path}: variant name {name!r} goes into folder names: use letters, digits, . _ + -")
+        for key in settings:
+            _check_key(key, path)
+            if key in axes:
+                raise cfg.ConfigError(f"{path}: variant {name!r} sets {key!r}, which is also an axis")
+            if key in ("run.output_dir", "run.export_final"):
+                raise cfg.ConfigError(f"{path}: variant {name!r}: {key!r} is set by the study")
     cfg.from_dict(copy.deepcopy(base))  # the base alone must be a valid config
-    return Study(base, axes, bool(meta.get("keep_checkpoints", False)), str(meta.get("description", "")),
-                 path.read_text())
+    return Study(base, axes, keep_checkpoints=bool(meta.get("keep_checkpoints", False)),
+                 description=str(meta.get("description", "")), text=path.read_text(), variants=variants)
 
 
 def _check_key(key: str, path: Path) -> None:
@@ -350,20 +381,21 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
 
 def select_cells(cells: list[Cell], study: Study, only: list[str]) -> list[Cell]:
     """The cells matching every key of `only` (["KEY=VALUE", ...]; one key's values are alternatives)."""
-    labels = _labels(list(study.axes))
-    by_name = {**{k: k for k in study.axes}, **{label: k for k, label in labels.items()}}
+    axes = study.all_axes
+    labels = _labels(list(axes))
+    by_name = {**{k: k for k in axes}, **{label: k for k, label in labels.items()}}
     wanted: dict[str, list] = {}
     for item in only:
         name, sep, text = item.partition("=")
         key = by_name.get(name.strip())
         if not sep or key is None:
             raise cfg.ConfigError(f"--only {item!r}: use KEY=VALUE with KEY one of the study's axes "
-                                  f"({', '.join(f'{labels[k]} ({k})' for k in study.axes)})")
+                                  f"({', '.join(f'{labels[k]} ({k})' for k in axes)})")
         value = _parse_value(text.strip())
-        matches = [v for v in study.axes[key] if v == value or (isinstance(v, str) and v == text.strip())]
+        matches = [v for v in axes[key] if v == value or (isinstance(v, str) and v == text.strip())]
         if not matches:
             raise cfg.ConfigError(f"--only {item!r}: axis {key!r} has no value {text.strip()!r}; "
-                                  f"its values: {study.axes[key]!r}")
+                                  f"its values: {axes[key]!r}")
         wanted.setdefault(key, []).extend(matches)
     chosen = [c for c in cells if all(c.values[k] in vs for k, vs in wanted.items())]
     return chosen
