@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 
 import pytest
@@ -245,6 +246,26 @@ def test_collapse_flags_are_logged_every_step_and_survive_resume(tiny_model_dir,
     assert state == trainer.collapse.state() and state["starts"]  # the detector's state is checkpointed
     with pytest.raises(cfg.ConfigError, match="--collapse-options"):
         build_trainer(_config(tiny_model_dir, tmp_path / "bad", run={"collapse_options": {"entropy_lo": 0.1}}))
+
+
+def test_a_resume_that_fails_leaves_the_runs_record_as_it_was(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    first = _config(tiny_model_dir, tmp_path, run={"steps": 1})
+    build_trainer(first).fit()
+    record = {name: (run / name).read_text() for name in ("config.toml", "precision.json")}
+    # a checkpoint of another shape (LoRA adapters the run never had) does not load ...
+    other = cfg.from_dict({"model": {"lora_rank": 4}, "optim": {"lr": 5e-3}, "run": {"steps": 2}}, first)
+    with pytest.raises(Exception):
+        build_trainer(other, resume=run)
+    # ... and with its checkpoints gone, nothing is left to resume from
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        build_trainer(cfg.from_dict({"optim": {"lr": 5e-3}}, first), resume=run)
+    assert {name: (run / name).read_text() for name in record} == record  # lr 1e-2, no LoRA: as the run was
+    # a bad option fails before any folder is made
+    with pytest.raises(cfg.ConfigError, match="--collapse-options"):
+        build_trainer(_config(tiny_model_dir, tmp_path / "typo", run={"collapse_options": {"entropy_lo": 0.1}}))
+    assert not (tmp_path / "typo").exists()
 
 
 def test_the_thread_count_is_recorded_and_a_resume_on_another_warns(tiny_model_dir, tmp_path):

@@ -456,17 +456,21 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
     _check_loss_options(config)
     if "wandb" in config.run.report_to and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--report-to wandb needs the wandb package: pip install wandb")
+    try:
+        collapse = CollapseDetector(**config.run.collapse_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--collapse-options: {exc}") from None
     run_dir = Path(resume) if resume else _fresh_run_dir(config, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.toml"
-    previous = from_dict(load_file(saved)) if resume and saved.is_file() else None  # read before it is rewritten
+    previous = from_dict(load_file(saved)) if resume and saved.is_file() else None
     config = _apply_threads(config, previous)
-    saved.write_text(dump_toml(config))
+    # config.toml and precision.json are written only once everything below has loaded: a resume
+    # that fails (no checkpoint, a checkpoint of another model) leaves the run's record as it was
 
     _seed_everything(config.run.seed)
     device = resolve_device(config.model.device)
     precision = (resume and Precision.recorded(run_dir)) or Precision.resolve(config, device)
-    precision.save(run_dir)
     print(f"Precision: {precision.describe()}", flush=True)
     if alg.sampler_lag and alg.ratio_against == "auto" and precision.ratio_against == "trainer" and not alg.tis_cap:
         warnings.warn("--sampler-lag 1 samples with weights one update behind, but --ratio-against auto took the "
@@ -484,10 +488,6 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     progress = Progress()
-    try:
-        collapse = CollapseDetector(**config.run.collapse_options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"--collapse-options: {exc}") from None
     if resume:
         last = checkpoint.latest(run_dir)
         if last is None:
@@ -508,6 +508,8 @@ def build_trainer(config: TrainConfig, *, resume: str | Path | None = None, over
             sampler = sampler.to(torch.bfloat16)
         if resume and alg.sampler_lag:  # one update behind the restored policy: its own weights
             checkpoint.load_sampler(last, sampler)
+    saved.write_text(dump_toml(config))
+    precision.save(run_dir)
     trainer = Trainer(config, run_dir, env, model, tokenizer, optimizer, scheduler, precision, reference, sampler,
                       progress, collapse=collapse)
     tensorboard, sinks = report_sinks(config.run.report_to, run_dir, to_dict(config))
