@@ -249,6 +249,21 @@ def test_resume_gives_the_weights_and_logs_of_an_uninterrupted_run(tiny_model_di
     assert logged(whole) == logged(halves)
 
 
+def test_the_thread_count_is_recorded_and_a_failed_resume_leaves_the_record(tiny_model_dir, tmp_path, capsys):
+    default = torch.get_num_threads()
+    run = tmp_path / "sft"
+    try:
+        assert main(_sft_argv(tiny_model_dir, run, "--steps", "1")) == 0
+        record = (run / "config.toml").read_text()
+        assert cfg.load_file(run / "config.toml")["sft"]["threads"] == default  # 0: torch's default, resolved
+        shutil.rmtree(run / "checkpoints")
+        assert main(["sft", "--resume", str(run), "--steps", "2", "--lr", "5e-3"]) == 2  # nothing to resume from
+        assert "no checkpoint" in capsys.readouterr().err
+        assert (run / "config.toml").read_text() == record  # steps 1, lr 1e-3: as the run was
+    finally:
+        torch.set_num_threads(default)
+
+
 def test_sft_from_a_file_of_chat_transcripts(chat_model_dir, tmp_path):
     data = tmp_path / "chats.jsonl"
     data.write_text("\n".join(json.dumps({"messages": CHAT[: 3 + 2 * (i % 2)]}) for i in range(4)) + "\n")

@@ -47,6 +47,7 @@ import shutil
 import tempfile
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -103,7 +104,7 @@ class SFTConfig:
     bf16: bool = False
     """Run forward/backward under bf16 autocast (weights and optimizer stay float32)."""
     threads: int = 0
-    """torch CPU threads; 0 keeps torch's default."""
+    """torch CPU threads; 0: the count a resumed run recorded, else torch's default. config.toml records the count used."""
     seed: int = 0
     """Seed of the data order and of the environment's demonstrations."""
     output_dir: str = ""
@@ -313,10 +314,16 @@ def sft(config: SFTConfig, *, resume: str | Path | None = None) -> Path:
         raise cfg.ConfigError(f"{run_dir} already holds a run: continue it with `wapo sft --resume {run_dir}`, "
                               f"or pick another --output-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dump_config(config))
+    saved = run_dir / "config.toml"
+    previous = config_from_dict(cfg.load_file(saved).get("sft", {})).threads if resume and saved.is_file() else 0
+    threads = config.threads or previous or torch.get_num_threads()  # recorded: it sets the matmuls' rounding
+    if previous and threads != previous:
+        warnings.warn(f"resumed with {threads} CPU thread(s) where the run used {previous}: its numbers differ "
+                      f"from an uninterrupted run's from here on; resume with --threads {previous} to keep them",
+                      stacklevel=2)
+    config = dataclasses.replace(config, threads=threads)
+    torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     tokenizer = load_tokenizer(config.model)
     examples = build_examples(config, tokenizer)
     print(examples.summary(), flush=True)
@@ -334,6 +341,7 @@ def sft(config: SFTConfig, *, resume: str | Path | None = None) -> Path:
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * lr_factor(step, config)
         print(f"Resuming {run_dir} from step {step}", flush=True)
+    saved.write_text(dump_config(config))  # after the resume has loaded: a failed one leaves the record as it was
     log = RunLog(run_dir, resume_step=step if resume else None)
     bar = tqdm(total=config.steps, initial=step, desc="sft", unit="step", disable=not config.progress,
                dynamic_ncols=True)
