@@ -111,3 +111,21 @@ def test_the_trainer_logs_each_part_in_metrics_jsonl(tiny_model_dir, tmp_path):
         assert r["reward_format"] == 0.25  # (8 × 0.25) / 8
         assert r["reward_answer"] == r["reward_mean"]  # the answer part is the whole score here
     assert 0 < sum(r["reward_answer"] for r in rows) < 2  # mixed rewards: the part is not a constant
+
+
+def test_evaluation_reports_each_part_greedy_and_sampled(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from wapo.evaluate import evaluate
+    from wapo.models import load_tokenizer
+
+    _register_parts_env()
+    env = ENVIRONMENTS["test_parts"]()
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    scores = evaluate(model, tok, env, list(env.eval_set()), k=4, temperature=3.0, max_new_tokens=3, progress=False)
+    # "answer" is the digit task's 0/1 score, so its means are the accuracies; "format" is 0.25 on every answer
+    assert scores["greedy_reward_answer"] == scores["greedy_accuracy"]
+    assert scores["sampled_reward_answer"] == pytest.approx(scores["sampled_accuracy"])
+    assert scores["greedy_reward_format"] == scores["sampled_reward_format"] == pytest.approx(0.25)
+    assert 0 < scores["sampled_accuracy"] < 1  # about half of 12 answers are right: the comparison is not 0 == 0
