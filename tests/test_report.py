@@ -100,14 +100,16 @@ def test_each_objective_is_compared_with_wapo_paired_by_seed(study_dir):
     with (study_dir / "summary.csv").open() as f:
         wapo, grpo = list(csv.DictReader(f))
     # grpo's finals: seed 0 0.6, seed 1 none (diverged), seed 2 0.4; wapo's: 0.7, 0.6, 0.9.
-    # pairs: seeds 0 and 2 -> 0.6 − 0.7 = −0.1, 0.4 − 0.9 = −0.5: mean −0.3, sd sqrt(2 · 0.2² / 1) = 0.28284,
+    # pairs: seeds 0 and 2 -> 0.6 − 0.7 = −0.1, 0.4 − 0.9 = −0.5: mean −0.3,
+    # sd sqrt(2 · 0.2² / 1) = 0.28284,
     # half-width t(1 df) 12.706 × 0.28284 / sqrt(2) = 2.5412
     assert (grpo["reference"], grpo["paired_seeds"]) == ("wapo", "2")
     assert float(grpo["greedy_final_minus_reference_mean"]) == pytest.approx(-0.3)
     assert float(grpo["greedy_final_minus_reference_ci95"]) == pytest.approx(2.5412, abs=1e-4)
     assert (wapo["paired_seeds"], float(wapo["greedy_final_minus_reference_mean"])) == ("3", 0.0)
     md = (study_dir / "summary.md").read_text()
-    assert "| grpo | 2 | -0.300 ± 2.541 | 2/3 | 0/3 |" in md
+    assert "| grpo | 2 (1 without a final) | -0.300 ± 2.541 | 2/3 | 0/3 |" in md  # seed 1 diverged: said
+    assert (grpo["unpaired_seeds"], wapo["unpaired_seeds"]) == ("1", "0")
     assert '<table id="reference">' in (study_dir / "report.html").read_text()
 
 
@@ -119,7 +121,8 @@ def test_variants_are_a_column_and_hide_the_keys_they_set(tmp_path):
                  optim={"lr": 1e-4, "warmup_steps": 2})
             _run(tmp_path, loss, seed, up, h, [(0, "before", 0.5), (3, "after", final - 0.1)], variant="base")
     (tmp_path / "study.toml").write_text('[axes]\n"algorithm.loss" = ["wapo", "grpo"]\n"run.seed" = [0, 1]\n'
-                                         '[variants]\nbase = {}\nhot = { "optim.lr" = 1e-4, "optim.warmup_steps" = 2 }\n')
+                                         '[variants]\nbase = {}\n'
+                                         'hot = { "optim.lr" = 1e-4, "optim.warmup_steps" = 2 }\n')
     write_report(tmp_path)
     with (tmp_path / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -132,13 +135,52 @@ def test_variants_are_a_column_and_hide_the_keys_they_set(tmp_path):
     assert "| grpo | hot | 2 | -0.200 ± 1.271 | 0/2 | 0/2 |" in (tmp_path / "summary.md").read_text()
 
 
+def test_runs_without_a_variant_keep_the_columns_that_tell_them_apart(tmp_path):
+    # an older study's cells (no variant, lr 2e-5 and 1e-4) beside a variant study's, all seed 0
+    up, h, evals = [0.3, 0.5, 0.7], [2.0, 1.8, 1.6], [(0, "before", 0.5), (3, "after", 0.6)]
+    _run(tmp_path, "wapo", 0, up, h, evals, optim={"lr": 2e-5})
+    (tmp_path / "runs" / "loss=wapo,seed=0").rename(tmp_path / "runs" / "loss=wapo,lr=2e-05,seed=0")
+    _run(tmp_path, "wapo", 0, up, h, evals, optim={"lr": 1e-4})
+    _run(tmp_path, "wapo", 0, up, h, evals, variant="hot", optim={"lr": 1e-4})
+    _run(tmp_path, "wapo", 0, up, h, evals, variant="table", optim={"lr": 2e-5})
+    (tmp_path / "study.toml").write_text('[axes]\n"run.seed" = [0]\n[variants]\nhot = { "optim.lr" = 1e-4 }\n'
+                                         'table = { "optim.lr" = 2e-5 }\n')
+    write_report(tmp_path)
+    with (tmp_path / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # the runs without a variant differ in lr: it stays a column, and no setting holds seed 0 twice
+    assert sorted((r["variant"], r["lr"], r["seeds"]) for r in rows) == [
+        ("", "0.0001", "1"), ("", "2e-05", "1"), ("hot", "0.0001", "1"), ("table", "2e-05", "1")]
+
+
+def test_a_variant_that_sets_a_whole_table_hides_its_fields_and_a_repeated_seed_warns(tmp_path):
+    up, h, evals = [0.3, 0.5, 0.7], [2.0, 1.8, 1.6], [(0, "before", 0.5), (3, "after", 0.6)]
+    for variant, eps in (("narrow", 0.2), ("wide", 0.5)):
+        d = _run(tmp_path, "wapo", 0, up, h, evals, variant=variant)
+        config = cfg.from_dict({**cfg.load_file(d / "config.toml"), "algorithm": {"loss": "wapo",
+                                                                                  "loss_options": {"eps_high": eps}}})
+        (d / "config.toml").write_text(cfg.dump_toml(config))
+    (tmp_path / "study.toml").write_text('[axes]\n"run.seed" = [0]\n[variants]\n'
+                                         'narrow = { "algorithm.loss_options" = { eps_high = 0.2 } }\n'
+                                         'wide = { "algorithm.loss_options" = { eps_high = 0.5 } }\n')
+    write_report(tmp_path)
+    header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
+    assert "variant" in header and "eps_high" not in header and "loss_options.eps_high" not in header
+    shutil.copytree(tmp_path / "runs" / "loss=wapo,seed=0,variant=wide", tmp_path / "runs" / "copy,variant=wide")
+    with pytest.warns(UserWarning, match=r"holds seed\(s\) \[0\] more than once \(copy,variant=wide, "
+                                         r"loss=wapo,seed=0,variant=wide\)"):
+        write_report(tmp_path)
+
+
 def test_the_paired_interval_uses_students_t():
-    from wapo.report import paired_interval
+    from wapo.report import paired_interval, t95
 
     # 5 pairs: mean 0.1, sd sqrt(((−0.1)² + 0 + 0.1² + 0 + 0) / 4) = 0.070711, t(4 df) 2.776 × 0.070711 / sqrt(5)
     mean, half = paired_interval([0.0, 0.1, 0.2, 0.1, 0.1])
     assert mean == pytest.approx(0.1) and half == pytest.approx(2.776 * 0.070711 / 5 ** 0.5, abs=1e-5)
     assert math.isnan(paired_interval([0.3])[1])
+    # beyond the table: t(40) = 2.0211, t(100) = 1.9840, t(1000) = 1.9623 (exact values)
+    assert [round(t95(df), 3) for df in (30, 40, 100, 1000)] == [2.042, 2.021, 1.984, 1.962]
 
 
 def test_runs_logged_without_flags_are_replayed_through_the_detector(tmp_path):

@@ -53,7 +53,6 @@ def test_sampler_lag_takes_0_or_1():
         cfg.from_dict({"algorithm": {"sampler_lag": 2}})
 
 
-
 def _record_weights_per_step(trainer, monkeypatch) -> tuple[set[str], list[dict], list[dict]]:
     """The trainable parameters' names, and two lists that fill as `trainer` fits: the policy's
     trainable weights before the first step and after each step, and the sampler's after each step."""
@@ -69,6 +68,7 @@ def _record_weights_per_step(trainer, monkeypatch) -> tuple[set[str], list[dict]
 
     monkeypatch.setattr(trainer, "train_step", step)
     return names, policy, sampler
+
 
 @pytest.mark.parametrize(("bf16_sampling", "lora"), [("false", 0), ("true", 0), ("false", 4)])
 def test_the_sampler_holds_the_weights_from_before_the_previous_update(tiny_model_dir, tmp_path, monkeypatch,

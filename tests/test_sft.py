@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,15 @@ def test_the_thread_count_is_recorded_and_a_failed_resume_leaves_the_record(tiny
         assert main(["sft", "--resume", str(run), "--steps", "2", "--lr", "5e-3"]) == 2  # nothing to resume from
         assert "no checkpoint" in capsys.readouterr().err
         assert (run / "config.toml").read_text() == record  # steps 1, lr 1e-3: as the run was
+        assert main(_sft_argv(tiny_model_dir, tmp_path / "two", "--steps", "1", "--threads", "2")) == 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["sft", "--resume", str(tmp_path / "two"), "--steps", "2"]) == 0  # the recorded 2
+        assert not [w for w in caught if "thread" in str(w.message)]
+        assert cfg.load_file(tmp_path / "two" / "config.toml")["sft"]["threads"] == 2
+        with pytest.warns(UserWarning, match=r"resumed with 1 CPU thread\(s\) where the run used 2.*--threads 2"):
+            assert main(["sft", "--resume", str(tmp_path / "two"), "--steps", "3", "--threads", "1"]) == 0
+        assert cfg.load_file(tmp_path / "two" / "config.toml")["sft"]["threads"] == 1
     finally:
         torch.set_num_threads(default)
 

@@ -128,12 +128,19 @@ ppo = { "algorithm.mini_batches" = 2, "algorithm.sampler_lag" = 1, "algorithm.lo
 
 
 @pytest.mark.parametrize("text, message", [
-    ('[axes]\n"optim.lr" = [1e-5]\n[variants]\nhot = { "optim.lr" = 1e-4 }\n', "also an axis"),
+    ('[axes]\n"optim.lr" = [1e-5]\n[variants]\nhot = { "optim.lr" = 1e-4 }\n', "which the axis 'optim.lr' also sets"),
     ('[variants]\nhot = { "optim.learning_rate" = 1e-4 }\n', "not a config key"),
     ('[variants]\n"a b" = {}\n', "folder names"),
     ('[variants]\nhot = 1e-4\n', "table of dotted keys"),
     ('[variants]\nx = { "run.output_dir" = "y" }\n', "set by the study"),
     ('[axes]\nvariant = [1]\n', "not a config key"),
+    ('[variants]\n"" = {}\n', "folder names"),
+    ('[variants]\nhot = { optim.lr = 1e-4 }\n', "variant 'hot': key 'optim' is not a config key; .* quoted"),
+    # a key inside a table that an axis replaces whole, and the reverse: one would silently undo the other
+    ('[axes]\n"algorithm.loss_options" = [{eps_high = 0.2}]\n[variants]\nb = { "algorithm.loss_options.eps_low" '
+     '= 0.1 }\n', "which the axis 'algorithm.loss_options' also sets"),
+    ('[axes]\n"algorithm.loss_options.eps_low" = [0.1]\n[variants]\nb = { "algorithm.loss_options" = {} }\n',
+     "also sets"),
 ])
 def test_bad_variants_fail_before_any_work(tmp_path, text, message):
     with pytest.raises(cfg.ConfigError, match=message):
@@ -165,6 +172,18 @@ def test_only_runs_the_cells_with_the_chosen_axis_values(tmp_path, no_training):
                                    "loss=grpo,lr=0.0001,seed=0", "loss=grpo,lr=0.0001,seed=1"]
     assert list(no_training.values()) == [3, 3, 3, 3]  # seed outermost still: the first two are seed 0
     assert [name.endswith("seed=0") for name in no_training] == [True, True, False, False]
+
+
+def test_only_from_the_command_line_matches_values_of_their_own_kind(tmp_path, no_training, capsys):
+    from wapo.cli import main
+
+    study = _write(tmp_path / "s.toml", '[axes]\n"model.bf16" = [true, false]\n"optim.lr" = [1.0, 2e-5]\n'
+                                        '"algorithm.loss_options" = [{eps_high = 0.2}, {eps_high = 0.5}]\n')
+    assert main(["compare", str(study), "--output-dir", str(tmp_path / "D"), "--only", "lr=1", "--only", "bf16=true",
+                 "--only", "loss_options=__eps_high__0.5_"]) == 0  # 1: the rate 1.0; a value as cell names write it
+    assert list(no_training) == ["bf16=true,lr=1.0,loss_options=__eps_high__0.5_"]
+    assert main(["compare", str(study), "--output-dir", str(tmp_path / "D"), "--only", "bf16=1"]) == 2  # 1 is no bool
+    assert "axis 'model.bf16' has no value '1'; its values (as in cell names): true, false" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("only, message", [
@@ -226,6 +245,11 @@ def test_the_estimate_is_rows_times_budget_times_the_rates(tmp_path):
                                   {"step": 2, "time_sample": 0.96, "time_train": 0.96, "sampling_rounds": 1}])
     rates, n = seconds_per_row_token(tmp_path)
     assert n == 2 and rates == pytest.approx({"sample": 0.015, "train": 0.02})
+    # 4 passes over each batch: a step trains 4 times as long, and a logged update counts as 4 passes
+    passes = cfg.from_dict({"algorithm": {"updates_per_batch": 4}}, config)
+    assert estimate_seconds(passes, "new", 0, rate) == pytest.approx(2 * 8 * 6 * (0.01 + 4 * 0.02) + 3 * 0.36)
+    (run / "config.toml").write_text(cfg.dump_toml(passes))
+    assert seconds_per_row_token(tmp_path)[0] == pytest.approx({"sample": 0.015, "train": 0.005})
 
 
 def _metrics(run_dir: Path) -> list[dict]:

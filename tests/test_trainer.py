@@ -255,7 +255,7 @@ def test_a_resume_that_fails_leaves_the_runs_record_as_it_was(tiny_model_dir, tm
     record = {name: (run / name).read_text() for name in ("config.toml", "precision.json")}
     # a checkpoint of another shape (LoRA adapters the run never had) does not load ...
     other = cfg.from_dict({"model": {"lora_rank": 4}, "optim": {"lr": 5e-3}, "run": {"steps": 2}}, first)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="weights this model lacks"):
         build_trainer(other, resume=run)
     # ... and with its checkpoints gone, nothing is left to resume from
     shutil.rmtree(run / "checkpoints")

@@ -30,6 +30,7 @@ import io
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -152,11 +153,26 @@ def _settings_of(run: Run) -> dict[str, Any]:
 
 
 def setting_axes(runs: list[Run], study_axes: list[str], hidden: set[str] = frozenset()) -> list[str]:
-    """The keys that tell settings apart: the loss, the study's axes, any other key that differs
-    (but those in `hidden`: keys the study's variants set, told apart by the variant)."""
+    """The keys that tell settings apart: the loss, the study's axes, any other key that differs.
+
+    A key the study's variants set (`hidden`, or a field inside a table they set) is left to the
+    variant column, but only where the variant tells its values apart: when the runs of one
+    variant (or the runs without one) differ in it, it stays a column."""
     flats = [_settings_of(r) for r in runs]
     keys = list(dict.fromkeys(k for f in flats for k in f))
-    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1 and k not in hidden]
+
+    def varies(k: str, group: list[dict]) -> bool:
+        return len({json.dumps(f.get(k), sort_keys=True) for f in group}) > 1
+
+    def told_by_variant(k: str) -> bool:
+        if not any(k == h or k.startswith(h + ".") for h in hidden):
+            return False
+        by_variant: dict[Any, list[dict]] = {}
+        for f in flats:
+            by_variant.setdefault(f.get(VARIANT_AXIS), []).append(f)
+        return not any(varies(k, group) for group in by_variant.values())
+
+    differ = [k for k in keys if varies(k, flats) and not told_by_variant(k)]
     ordered = ["algorithm.loss"] + study_axes + differ
     # threads that merely differ between cells (set by --jobs) do not split a setting; a thread axis does
     return [k for k in dict.fromkeys(ordered) if k not in NOT_AN_AXIS or (k in study_axes and k != SEED_AXIS)]
@@ -175,6 +191,13 @@ def group_settings(runs: list[Run], axes: list[str], study_axes: dict[str, list]
         return [(study_axes[k].index(values[k]) if values[k] in study_axes.get(k, []) else len(study_axes.get(k, [])),
                  str(values[k])) for k in axes]
 
+    for values, members in groups.values():
+        seeds = [r.seed for r in members]
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        if twice:
+            warnings.warn(f"the setting {values} holds seed(s) {twice} more than once ("
+                          + ", ".join(str(r.dir.name) for r in members if r.seed in twice)
+                          + "): they differ in nothing the report can see, and count as separate seeds", stacklevel=2)
     return [(values, sorted(members, key=lambda r: r.seed)) for values, members in sorted(groups.values(), key=order)]
 
 
@@ -217,15 +240,23 @@ def summarize(values: dict, runs: list[Run], out_dir: Path) -> dict[str, Any]:
 T95 = [math.nan, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
        2.045, 2.042]
-"""Two-sided 95% quantiles of Student's t by degrees of freedom (the index); 1.96 beyond 30."""
+"""Two-sided 95% quantiles of Student's t by degrees of freedom (the index), to 30."""
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t: the table to 30 degrees of freedom, beyond it the
+    Cornish-Fisher expansion around the normal's 1.96 (within 0.001 of the exact value there)."""
+    if df < len(T95):
+        return T95[df]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 def paired_interval(diffs: list[float]) -> tuple[float, float]:
     """Mean of paired differences and the half-width of its 95% t interval (NaN below 2 pairs)."""
     mean, std = _mean_std(diffs)
     n = len(diffs)
-    t = T95[n - 1] if n - 1 < len(T95) else 1.96
-    return mean, (t * std / math.sqrt(n) if n > 1 else math.nan)
+    return mean, (t95(n - 1) * std / math.sqrt(n) if n > 1 else math.nan)
 
 
 def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict]) -> str | None:
@@ -246,8 +277,10 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
         mine, ref = finals[(values.get("algorithm.loss"), key)], finals.get((reference, key), {})
         seeds = [s for s in sorted(mine) if s in ref and not math.isnan(mine[s]) and not math.isnan(ref[s])]
         mean, half = paired_interval([mine[s] - ref[s] for s in seeds]) if seeds else (math.nan, math.nan)
-        row.update(reference=reference, paired_seeds=len(seeds), greedy_final_minus_reference_mean=mean,
-                   greedy_final_minus_reference_ci95=half)
+        # a seed both ran but one of them has no final evaluation (it diverged): said, not hidden
+        unpaired = sum(1 for s in mine if s in ref and s not in seeds)
+        row.update(reference=reference, paired_seeds=len(seeds), unpaired_seeds=unpaired,
+                   greedy_final_minus_reference_mean=mean, greedy_final_minus_reference_ci95=half)
     return reference
 
 
@@ -318,8 +351,9 @@ def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[st
 
 def _reference_note(reference: str) -> str:
     return (f"Final greedy accuracy against {reference}, paired by seed: this objective's minus {reference}'s "
-            f"over the seeds both have a final evaluation for (a diverged run has none), mean ± the half-width "
-            f"of its 95% t interval.")
+            f"over the seeds both have a final evaluation for, mean ± the half-width of its 95% t interval. A run "
+            f"the trainer stopped for non-finite steps (diverged) has no final evaluation: its seed is counted as "
+            f"\"without a final\", not paired.")
 
 
 def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tuple[list[str], list[list[str]]]:
@@ -335,7 +369,9 @@ def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tup
         mean, half = row["greedy_final_minus_reference_mean"], row["greedy_final_minus_reference_ci95"]
         diff = "—" if math.isnan(mean) else f"{mean:+.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
         other = ref.get(key(row))
-        body.append([str(row[a]) for a in labels] + [str(row["paired_seeds"]), diff, f"{row['collapses']}/{row['seeds']}",
+        paired = str(row["paired_seeds"]) + (f" ({row['unpaired_seeds']} without a final)" if row["unpaired_seeds"]
+                                             else "")
+        body.append([str(row[a]) for a in labels] + [paired, diff, f"{row['collapses']}/{row['seeds']}",
                      f"{other['collapses']}/{other['seeds']}" if other else "—"])
     return header, body
 

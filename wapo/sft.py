@@ -104,7 +104,7 @@ class SFTConfig:
     bf16: bool = False
     """Run forward/backward under bf16 autocast (weights and optimizer stay float32)."""
     threads: int = 0
-    """torch CPU threads; 0: the count a resumed run recorded, else torch's default. config.toml records the count used."""
+    """torch CPU threads; 0: the count a resumed run recorded, else torch's default (config.toml records it)."""
     seed: int = 0
     """Seed of the data order and of the environment's demonstrations."""
     output_dir: str = ""
@@ -317,7 +317,8 @@ def sft(config: SFTConfig, *, resume: str | Path | None = None) -> Path:
     saved = run_dir / "config.toml"
     previous = config_from_dict(cfg.load_file(saved).get("sft", {})).threads if resume and saved.is_file() else 0
     threads = config.threads or previous or torch.get_num_threads()  # recorded: it sets the matmuls' rounding
-    if previous and threads != previous:
+    device = resolve_device(config.device)
+    if previous and threads != previous and device.type == "cpu":  # on an accelerator it changes no number
         warnings.warn(f"resumed with {threads} CPU thread(s) where the run used {previous}: its numbers differ "
                       f"from an uninterrupted run's from here on; resume with --threads {previous} to keep them",
                       stacklevel=2)
@@ -327,7 +328,7 @@ def sft(config: SFTConfig, *, resume: str | Path | None = None) -> Path:
     tokenizer = load_tokenizer(config.model)
     examples = build_examples(config, tokenizer)
     print(examples.summary(), flush=True)
-    model = load_policy(config.model, device=resolve_device(config.device))
+    model = load_policy(config.model, device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))

@@ -16,8 +16,8 @@ optionally `[variants]` (named bundles of settings, one more axis: `variant`) an
     ppo = { "algorithm.mini_batches" = 4, "algorithm.sampler_lag" = 1 }
 
 Each cell is an ordinary run folder, `D/runs/<name>` with `<name>` its axis values
-(`loss=grpo,seed=1,eps_high=9.0`, then `variant=ppo` when there are variants), run with `wapo.trainer.build_trainer` + `fit()`. Its state
-is read from the folder alone:
+(`loss=grpo,seed=1,eps_high=9.0`, then `variant=ppo` when there are variants), run with
+`wapo.trainer.build_trainer` + `fit()`. Its state is read from the folder alone:
 
     finished  metrics.jsonl's last row is step `run.steps` and, when `run.eval_size` > 0,
               eval.jsonl holds the "after" evaluation
@@ -170,12 +170,14 @@ def load_study(path: str | Path) -> Study:
     for name, settings in variants.items():
         if not isinstance(settings, dict):
             raise cfg.ConfigError(f"{path}: variant {name!r} needs a table of dotted keys -> values, got {settings!r}")
-        if re.search(r"[^A-Za-z0-9._+-]", name):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
             raise cfg.ConfigError(f"{path}: variant name {name!r} goes into folder names: use letters, digits, . _ + -")
         for key in settings:
-            _check_key(key, path)
-            if key in axes:
-                raise cfg.ConfigError(f"{path}: variant {name!r} sets {key!r}, which is also an axis")
+            _check_key(key, path, what=f"variant {name!r}: key")
+            # the same key, or one inside a table an axis replaces whole (or the reverse): one would undo the other
+            clash = [a for a in axes if a == key or a.startswith(key + ".") or key.startswith(a + ".")]
+            if clash:
+                raise cfg.ConfigError(f"{path}: variant {name!r} sets {key!r}, which the axis {clash[0]!r} also sets")
             if key in ("run.output_dir", "run.export_final"):
                 raise cfg.ConfigError(f"{path}: variant {name!r}: {key!r} is set by the study")
     cfg.from_dict(copy.deepcopy(base))  # the base alone must be a valid config
@@ -183,15 +185,15 @@ def load_study(path: str | Path) -> Study:
                  description=str(meta.get("description", "")), text=path.read_text(), variants=variants)
 
 
-def _check_key(key: str, path: Path) -> None:
+def _check_key(key: str, path: Path, what: str = "axis") -> None:
     parts = key.split(".")
     leaves = cfg.leaf_fields()
     section, name = (parts + ["", ""])[:2]
     if len(parts) not in (2, 3) or name not in leaves or leaves[name][0] != section:
-        raise cfg.ConfigError(f"{path}: axis {key!r} is not a config key; use section.field, e.g. "
-                              f"'algorithm.loss' or 'optim.lr' (`wapo train --help` lists the fields)")
+        raise cfg.ConfigError(f"{path}: {what} {key!r} is not a config key; use section.field, e.g. "
+                              f"'algorithm.loss' or 'optim.lr', quoted in TOML (`wapo train --help` lists the fields)")
     if len(parts) == 3 and not isinstance(getattr(getattr(cfg.TrainConfig(), section), name), dict):
-        raise cfg.ConfigError(f"{path}: axis {key!r}: only table fields (such as algorithm.loss_options) take a "
+        raise cfg.ConfigError(f"{path}: {what} {key!r}: only table fields (such as algorithm.loss_options) take a "
                               f"third part")
 
 
@@ -212,11 +214,13 @@ def _labels(keys: list[str]) -> dict[str, str]:
 
 def _cell_name(values: dict[str, Any], labels: dict[str, str]) -> str:
     """`label=value,...` with every character outside [A-Za-z0-9._+=,-] replaced by `_`."""
-    def text(v: Any) -> str:
-        return v if isinstance(v, str) else json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return ",".join(f"{labels[k]}={_cell_text(v)}" for k, v in values.items()) or "base"
 
-    name = ",".join(f"{labels[k]}={text(v)}" for k, v in values.items()) or "base"
-    return re.sub(r"[^A-Za-z0-9._+=,-]", "_", name)
+
+def _cell_text(value: Any) -> str:
+    """An axis value as a cell name writes it."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return re.sub(r"[^A-Za-z0-9._+=,-]", "_", text)
 
 
 def _auto_threads(jobs: int) -> int:
@@ -392,13 +396,18 @@ def select_cells(cells: list[Cell], study: Study, only: list[str]) -> list[Cell]
             raise cfg.ConfigError(f"--only {item!r}: use KEY=VALUE with KEY one of the study's axes "
                                   f"({', '.join(f'{labels[k]} ({k})' for k in axes)})")
         value = _parse_value(text.strip())
-        matches = [v for v in axes[key] if v == value or (isinstance(v, str) and v == text.strip())]
+        matches = [v for v in axes[key] if _same(v, value) or v == text.strip() or _cell_text(v) == text.strip()]
         if not matches:
-            raise cfg.ConfigError(f"--only {item!r}: axis {key!r} has no value {text.strip()!r}; "
-                                  f"its values: {axes[key]!r}")
+            raise cfg.ConfigError(f"--only {item!r}: axis {key!r} has no value {text.strip()!r}; its values "
+                                  f"(as in cell names): {', '.join(_cell_text(v) for v in axes[key])}")
         wanted.setdefault(key, []).extend(matches)
     chosen = [c for c in cells if all(c.values[k] in vs for k, vs in wanted.items())]
     return chosen
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of one kind: 1e-4 == 0.0001 and 2 == 2.0, but true is not 1."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
 def _parse_value(text: str) -> Any:
@@ -500,26 +509,27 @@ def seconds_per_row_token(out_dir: Path) -> tuple[dict[str, float], int]:
     logged step under `out_dir/runs` (and how many steps); `DEFAULT_SECONDS` when none."""
     sums, n = {"sample": 0.0, "train": 0.0}, 0
     for saved in sorted((out_dir / "runs").glob("*/config.toml")):
-        s = cfg.from_dict(cfg.load_file(saved)).sampling
+        config = cfg.from_dict(cfg.load_file(saved))
+        s, passes = config.sampling, config.algorithm.updates_per_batch
         for row in read_metrics(saved.parent):
             if row.get("time_sample") is None or row.get("time_train") is None:
                 continue
             units = s.prompts_per_step * s.samples_per_prompt * (row.get("sampling_rounds") or 1) * s.max_new_tokens
             sums["sample"] += row["time_sample"] / units
-            sums["train"] += row["time_train"] / units
+            sums["train"] += row["time_train"] / (units * passes)  # per pass over the batch
             n += 1
     return ({k: v / n for k, v in sums.items()} if n else dict(DEFAULT_SECONDS)), n
 
 
 def estimate_seconds(config: cfg.TrainConfig, state: str, steps_done: int, rate: dict[str, float]) -> float:
-    """Time left for one cell: remaining steps × rows × budget × (sampling + training) rates,
-    plus its held-out evaluations (eval_size × (1 greedy + eval_samples) rows at the sampling
-    rate). Model loading is not counted."""
+    """Time left for one cell: remaining steps × rows × budget × (sampling + passes × training)
+    rates, with passes = `updates_per_batch`, plus its held-out evaluations (eval_size × (1 greedy
+    + eval_samples) rows at the sampling rate). Model loading is not counted."""
     if state in DONE:
         return 0.0
-    s, r = config.sampling, config.run
+    s, r, passes = config.sampling, config.run, config.algorithm.updates_per_batch
     left = max(r.steps - steps_done, 0)
-    step = s.prompts_per_step * s.samples_per_prompt * s.max_new_tokens * (rate["sample"] + rate["train"])
+    step = s.prompts_per_step * s.samples_per_prompt * s.max_new_tokens * (rate["sample"] + passes * rate["train"])
     evaluations = (steps_done == 0) + 1 + (sum(1 for t in range(steps_done + 1, r.steps) if r.eval_every and
                                                t % r.eval_every == 0))
     per_eval = r.eval_size * (1 + r.eval_samples) * s.max_new_tokens * rate["sample"] if r.eval_size else 0.0
