@@ -85,6 +85,9 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert num(grpo, "greedy_final_mean") == pytest.approx(0.5) and num(grpo, "greedy_final_std") == pytest.approx(
         0.141421, abs=1e-5)
     # collapses: seed 1 stopped at step 2 (its first skipped step), seed 2 flagged at step 3 -> 2.5 ± 0.7071
+    # final below before (0.5): none of wapo's; grpo's seed 2 (0.4) of the 2 with a final (seed 1 diverged)
+    assert (wapo["final_below_before"], wapo["with_final"]) == ("0", "3")
+    assert (grpo["final_below_before"], grpo["with_final"]) == ("1", "2")
     assert (grpo["collapses"], grpo["collapse_kinds"]) == ("2", "diverged entropy")
     assert num(grpo, "steps_to_collapse_mean") == 2.5
     assert num(grpo, "steps_to_collapse_std") == pytest.approx(0.70711, abs=1e-5)
@@ -93,7 +96,7 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert grpo["runs"] == "runs/loss=grpo,seed=0; runs/loss=grpo,seed=1; runs/loss=grpo,seed=2"
     md = (study_dir / "summary.md").read_text()
     assert "| wapo | 3 (3) | 0.500 ± 0.000 | 0.767 ± 0.115 | 0.733 ± 0.153 |" in md
-    assert "| 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 | runs/loss=grpo,seed=0; " in md
+    assert "| 1/2 | 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 | runs/loss=grpo,seed=0; " in md
 
 
 def test_each_objective_is_compared_with_wapo_paired_by_seed(study_dir):
