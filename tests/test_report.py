@@ -243,3 +243,18 @@ def test_threads_split_settings_only_when_they_are_a_study_axis():
     assert setting_axes(runs, ["algorithm.loss", "run.seed"]) == ["algorithm.loss"]
     # a thread axis in the study file: its values are settings of their own
     assert setting_axes(runs, ["algorithm.loss", "model.threads", "run.seed"]) == ["algorithm.loss", "model.threads"]
+
+
+def test_the_readme_table_script_prints_the_summarys_numbers(study_dir):
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "study_table.py"
+    spec = importlib.util.spec_from_file_location("study_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    axes, rows = module.rows_of("S", study_dir)
+    assert axes == ["loss"]
+    # the numbers of test_the_summary_holds_the_hand_computed_numbers and of the paired comparison
+    assert rows == [["S", "", "wapo", "3", "0.500 → 0.767 ± 0.115 → 0.733 ± 0.153", "—", "0/3", "0/3"],
+                    ["S", "", "grpo", "3", "0.500 → 0.533 ± 0.058 → 0.500 ± 0.141", "-0.300 ± 2.541 (2, 1 unpaired)",
+                     "1/2", "2/3 (diverged entropy)"]]
