@@ -358,8 +358,8 @@ def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[st
 def _reference_note(reference: str) -> str:
     return (f"Final greedy accuracy against {reference}, paired by seed: this objective's minus {reference}'s "
             f"over the seeds both have a final evaluation for, mean ± the half-width of its 95% t interval. A run "
-            f"the trainer stopped for non-finite steps (diverged) has no final evaluation: its seed is counted as "
-            f"\"without a final\", not paired.")
+            f"the trainer stopped for non-finite steps (diverged), or one not finished yet, has no final "
+            f"evaluation: its seed is counted as \"without a final\", not paired.")
 
 
 def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tuple[list[str], list[list[str]]]:
