@@ -346,6 +346,8 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
     dotted key or its label in cell names) has VALUE; values of one key are alternatives, different
     keys must all match. The report still covers every cell in `out_dir`.
     """
+    from wapo.report import write_report  # now: a study runs for hours, while its files on disk may change
+
     if jobs < 1:
         raise cfg.ConfigError(f"--jobs must be >= 1, got {jobs}")
     out_dir = Path(out_dir)
@@ -375,8 +377,6 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
             print(f"\nStudy interrupted: run the same command again to continue {out_dir}.", flush=True)
             raise
     if any((out_dir / "runs").glob("*/config.toml")):  # no report of a study whose every cell failed at once
-        from wapo.report import write_report
-
         print("Report: " + ", ".join(str(p) for p in write_report(out_dir)))
     for name, where in failed.items():
         print(f"cell {name} failed: see {where}", file=sys.stderr)
