@@ -107,6 +107,27 @@ def test_gspo_hand_worked():
     torch.testing.assert_close(_grad(out, logprobs), torch.tensor([[-0.25, -0.25], [0.5, 0]], dtype=torch.float64))
 
 
+def test_on_policy_gspo_is_grpo_and_off_policy_it_is_not():
+    # at ρ = 1 (one update per batch, the ratio against the trainer) both gradients are
+    # −A_i / (|o_i|·B) on each token of row i: the same update, so runs of the two are identical
+    # (seen in the math study: every logged number of grpo and gspo cells agrees)
+    torch.manual_seed(0)
+    mask = torch.rand(6, 5) < 0.8
+    mask[:, 0] = True
+    adv = torch.randn(6, dtype=torch.float64)
+    values = (-torch.rand(6, 5, dtype=torch.float64)).tolist()
+    grads = {}
+    for ratios in ("on", "off"):
+        rho = torch.ones(6, 5) if ratios == "on" else torch.exp(0.05 * torch.randn(6, 5))  # inside GRPO's clip
+        for loss in ("grpo", "gspo"):
+            logprobs, old, m = _inputs(values, rho.tolist(), mask.tolist())
+            grads[ratios, loss] = _grad(wapo.policy_loss(loss, logprobs, old, adv, m, max_len=5), logprobs)
+    expected = -adv.unsqueeze(-1) * mask / mask.sum(-1, keepdim=True) / 6
+    torch.testing.assert_close(grads["on", "grpo"], expected)
+    torch.testing.assert_close(grads["on", "gspo"], expected)
+    assert not torch.allclose(grads["off", "grpo"], grads["off", "gspo"])
+
+
 def test_cispo_hand_worked():
     logprobs, old, adv, mask = _two_rows()
     out = wapo.policy_loss("cispo", logprobs, old, adv, mask, max_len=4)
