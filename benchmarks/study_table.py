@@ -5,8 +5,8 @@
 Each argument is `NAME=DIR` (or a bare DIR, named after it); DIR/summary.csv is read as
 `wapo report DIR` wrote it (rerun that first when runs were added). One row per setting:
 held-out greedy accuracy before → peak → final (mean ± std over seeds), the final's paired
-difference with WAPO in the same setting (95% t interval), the seeds that ended below their
-start, and the collapses flagged online. Columns of the summary that are not numbers of a
+difference with WAPO in the same setting (95% t interval), the policy's entropy at the last
+step, the seeds that ended below their start, and the collapses flagged online. Columns of the summary that are not numbers of a
 setting (counts, folders, times) are left out; the summary has them.
 """
 
@@ -17,19 +17,15 @@ import csv
 import math
 from pathlib import Path
 
-FIXED = {"seeds", "finished", "collapses", "collapse_kinds", "runs", "reference", "paired_seeds", "unpaired_seeds",
-         "final_below_before", "with_final"}
-
-
 def _number(text: str) -> float:
     return float(text) if text not in ("", None) else math.nan
 
 
-def _mean_std(row: dict, name: str) -> str:
+def _mean_std(row: dict, name: str, digits: int = 3) -> str:
     mean, std = _number(row[f"{name}_mean"]), _number(row[f"{name}_std"])
     if math.isnan(mean):
         return "—"
-    return f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+    return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
 
 def setting_columns(header: list[str]) -> list[str]:
@@ -57,7 +53,7 @@ def rows_of(name: str, folder: Path) -> tuple[list[str], list[list[str]]]:
             interval = "" if math.isnan(half) else f" ± {half:.3f}"
             vs = f"{mean:+.3f}{interval} ({row['paired_seeds']}{unpaired})"
         kinds = f" ({row['collapse_kinds']})" if row["collapse_kinds"] else ""
-        out.append([name, setting, row["loss"], row["seeds"], accuracy, vs,
+        out.append([name, setting, row["loss"], row["seeds"], accuracy, vs, _mean_std(row, "entropy_last", 2),
                     f"{row['final_below_before']}/{row['with_final']}", f"{row['collapses']}/{row['seeds']}{kinds}"])
     settings = list(dict.fromkeys(cells[1] for cells in out))  # by setting, then the objectives in the study's order
     return axes, sorted(out, key=lambda cells: settings.index(cells[1]))
@@ -68,8 +64,8 @@ def main() -> None:
     parser.add_argument("studies", nargs="+", metavar="NAME=DIR")
     args = parser.parse_args()
     print("| study | setting | objective | seeds | held-out greedy: before → peak → final | final − WAPO (seeds) "
-          "| final < before | collapses |")
-    print("|---|---|---|---:|---|---|---:|---|")
+          "| entropy, last step | final < before | collapses |")
+    print("|---|---|---|---:|---|---|---|---:|---|")
     for item in args.studies:
         name, _, folder = item.rpartition("=")
         _, rows = rows_of(name or Path(folder).name, Path(folder))

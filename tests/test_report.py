@@ -85,6 +85,9 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert num(grpo, "greedy_final_mean") == pytest.approx(0.5) and num(grpo, "greedy_final_std") == pytest.approx(
         0.141421, abs=1e-5)
     # collapses: seed 1 stopped at step 2 (its first skipped step), seed 2 flagged at step 3 -> 2.5 ± 0.7071
+    # entropy of the last logged step: wapo 1.6 ×3; grpo 1.6, None (seed 1's steps 2-3 are skipped: left out), 1.6
+    assert (num(wapo, "entropy_last_mean"), num(wapo, "entropy_last_std")) == pytest.approx((1.6, 0.0))
+    assert (num(grpo, "entropy_last_mean"), num(grpo, "entropy_last_std")) == pytest.approx((1.6, 0.0))
     # final below before (0.5): none of wapo's; grpo's seed 2 (0.4) of the 2 with a final (seed 1 diverged)
     assert (wapo["final_below_before"], wapo["with_final"]) == ("0", "3")
     assert (grpo["final_below_before"], grpo["with_final"]) == ("1", "2")
@@ -96,7 +99,7 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert grpo["runs"] == "runs/loss=grpo,seed=0; runs/loss=grpo,seed=1; runs/loss=grpo,seed=2"
     md = (study_dir / "summary.md").read_text()
     assert "| wapo | 3 (3) | 0.500 ± 0.000 | 0.767 ± 0.115 | 0.733 ± 0.153 |" in md
-    assert "| 1/2 | 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 | runs/loss=grpo,seed=0; " in md
+    assert "| 1.60 ± 0.00 | 1/2 | 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 | runs/loss=grpo,seed=0; " in md
 
 
 def test_each_objective_is_compared_with_wapo_paired_by_seed(study_dir):
@@ -255,6 +258,6 @@ def test_the_readme_table_script_prints_the_summarys_numbers(study_dir):
     axes, rows = module.rows_of("S", study_dir)
     assert axes == ["loss"]
     # the numbers of test_the_summary_holds_the_hand_computed_numbers and of the paired comparison
-    assert rows == [["S", "", "wapo", "3", "0.500 → 0.767 ± 0.115 → 0.733 ± 0.153", "—", "0/3", "0/3"],
+    assert rows == [["S", "", "wapo", "3", "0.500 → 0.767 ± 0.115 → 0.733 ± 0.153", "—", "1.60 ± 0.00", "0/3", "0/3"],
                     ["S", "", "grpo", "3", "0.500 → 0.533 ± 0.058 → 0.500 ± 0.141", "-0.300 ± 2.541 (2, 1 unpaired)",
-                     "1/2", "2/3 (diverged entropy)"]]
+                     "1.60 ± 0.00", "1/2", "2/3 (diverged entropy)"]]

@@ -10,7 +10,8 @@ The axes shown are the config keys that differ between runs, plus those of D/stu
   length, length-cap share, the five taxonomy bins' token fractions and forecast ΔH, clip
   fractions, gradient norm, repetition; a red × marks each step a collapse flag is up;
 - one table row: held-out greedy accuracy and pass@k before training / at their peak over all
-  evaluations / after training (mean ± std over seeds, n − 1 denominator), the seeds whose final
+  evaluations / after training (mean ± std over seeds, n − 1 denominator), the entropy of the
+  last logged step (mean ± std over seeds), the seeds whose final
   greedy accuracy is below their accuracy before training, collapses (seeds
   with a `collapsed` step or a run the trainer stopped for non-finite steps), steps to the first
   collapse, seconds per step (sampling + update), and the run folders the numbers come from;
@@ -225,6 +226,8 @@ def summarize(values: dict, runs: list[Run], out_dir: Path) -> dict[str, Any]:
         for which in WHEN:
             stats = _mean_std([r.eval_value(key, which) for r in runs])
             row[f"{name}_{which}_mean"], row[f"{name}_{which}_std"] = stats
+    lasts = [_number(r.metrics[-1].get("entropy")) if r.metrics else math.nan for r in runs]
+    row["entropy_last_mean"], row["entropy_last_std"] = _mean_std(lasts)  # the policy's entropy when it stopped
     # a plainer sign of an update gone wrong than the flags: the seeds that end below where they began
     ends = [(r.eval_value(EVALS["greedy"], "before"), r.eval_value(EVALS["greedy"], "final")) for r in runs]
     row["final_below_before"] = sum(1 for before, final in ends if final < before)  # NaN compares False
@@ -342,13 +345,14 @@ def _cell(row: dict, name: str, digits: int = 3) -> str:
 def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the summary table (shared by Markdown and HTML); `labels`: the axes'."""
     header = labels + ["seeds (finished)"] + [f"{m} {w}" for m in EVALS for w in WHEN]
-    header += ["greedy final < before", "collapses", "steps to collapse", "s / step", "runs"]
+    header += ["entropy, last step", "greedy final < before", "collapses", "steps to collapse", "s / step", "runs"]
     body = []
     for row in rows:
         cells = [str(row[a]) for a in labels] + [f"{row['seeds']} ({row['finished']})"]
         cells += [_cell(row, f"{m}_{w}") for m in EVALS for w in WHEN]
         kinds = f" ({row['collapse_kinds']})" if row["collapse_kinds"] else ""
-        cells += [f"{row['final_below_before']}/{row['with_final']}", f"{row['collapses']}/{row['seeds']}{kinds}",
+        cells += [_cell(row, "entropy_last", 2), f"{row['final_below_before']}/{row['with_final']}",
+                  f"{row['collapses']}/{row['seeds']}{kinds}",
                   _cell(row, "steps_to_collapse", 1),
                   _cell(row, "seconds_per_step", 1), row["runs"]]
         body.append(cells)
