@@ -6,8 +6,8 @@ Each argument is `NAME=DIR` (or a bare DIR, named after it); DIR/summary.csv is 
 `wapo report DIR` wrote it (rerun that first when runs were added). One row per setting:
 held-out greedy accuracy before → peak → final (mean ± std over seeds), the final's paired
 difference with WAPO in the same setting (95% t interval), the policy's entropy at the last
-step, the seeds that ended below their start, and the collapses flagged online. Columns of the summary that are not numbers of a
-setting (counts, folders, times) are left out; the summary has them.
+step and its paired difference with WAPO's, the seeds that ended below their start, and the
+collapses flagged online. The summary has the rest (pass@k, times, the run folders).
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ def _mean_std(row: dict, name: str, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
 
+def _difference(row: dict, name: str, digits: int) -> str:
+    mean, half = _number(row[f"{name}_minus_reference_mean"]), _number(row[f"{name}_minus_reference_ci95"])
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:+.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
+
+
 def setting_columns(header: list[str]) -> list[str]:
     """The summary's axis columns (they come before `seeds`), the objective's (`loss`) first."""
     axes = header[:header.index("seeds")]
@@ -45,15 +52,15 @@ def rows_of(name: str, folder: Path) -> tuple[list[str], list[list[str]]]:
         before = _number(row["greedy_before_mean"])
         accuracy = (f"{before:.3f} → {_mean_std(row, 'greedy_peak')} → {_mean_std(row, 'greedy_final')}"
                     if not math.isnan(before) else "—")
-        vs = "—"
+        vs = entropy_vs = "—"
         mean = _number(row.get("greedy_final_minus_reference_mean", ""))
         if row.get("reference") and row["loss"] != row["reference"] and not math.isnan(mean):
-            half = _number(row["greedy_final_minus_reference_ci95"])
             unpaired = f", {row['unpaired_seeds']} unpaired" if row["unpaired_seeds"] != "0" else ""
-            interval = "" if math.isnan(half) else f" ± {half:.3f}"
-            vs = f"{mean:+.3f}{interval} ({row['paired_seeds']}{unpaired})"
+            vs = f"{_difference(row, 'greedy_final', 3)} ({row['paired_seeds']}{unpaired})"
+            entropy_vs = _difference(row, "entropy_last", 2)
         kinds = f" ({row['collapse_kinds']})" if row["collapse_kinds"] else ""
-        out.append([name, setting, row["loss"], row["seeds"], accuracy, vs, _mean_std(row, "entropy_last", 2),
+        entropy = _mean_std(row, "entropy_last", 2)
+        out.append([name, setting, row["loss"], row["seeds"], accuracy, vs, entropy, entropy_vs,
                     f"{row['final_below_before']}/{row['with_final']}", f"{row['collapses']}/{row['seeds']}{kinds}"])
     settings = list(dict.fromkeys(cells[1] for cells in out))  # by setting, then the objectives in the study's order
     return axes, sorted(out, key=lambda cells: settings.index(cells[1]))
@@ -64,8 +71,8 @@ def main() -> None:
     parser.add_argument("studies", nargs="+", metavar="NAME=DIR")
     args = parser.parse_args()
     print("| study | setting | objective | seeds | held-out greedy: before → peak → final | final − WAPO (seeds) "
-          "| entropy, last step | final < before | collapses |")
-    print("|---|---|---|---:|---|---|---|---:|---|")
+          "| entropy, last step | − WAPO | final < before | collapses |")
+    print("|---|---|---|---:|---|---|---|---|---:|---|")
     for item in args.studies:
         name, _, folder = item.rpartition("=")
         _, rows = rows_of(name or Path(folder).name, Path(folder))

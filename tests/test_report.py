@@ -52,7 +52,7 @@ def study_dir(tmp_path_factory):
     _run(out, "grpo", 1, [0.3] * 3, [2.0, None, None], [(0, "before", 0.5)], skipped_step=[0, 1, 1])
     flags = {"collapsed": [0, 0, 1], "collapse_entropy": [0, 0, 1], "collapse_explosion": [0, 0, 0],
              "collapse_repetition": [0, 0, 0], "collapse_length": [0, 0, 0]}
-    _run(out, "grpo", 2, up, h, [(0, "before", 0.5), (3, "after", 0.4)], **flags)
+    _run(out, "grpo", 2, up, [2.0, 1.8, 1.2], [(0, "before", 0.5), (3, "after", 0.4)], **flags)
     (out / "study.toml").write_text('[study]\ndescription = "hand-written"\n'
                                     '[axes]\n"algorithm.loss" = ["wapo", "grpo"]\n"run.seed" = [0, 1, 2]\n')
     write_report(out)
@@ -85,9 +85,10 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert num(grpo, "greedy_final_mean") == pytest.approx(0.5) and num(grpo, "greedy_final_std") == pytest.approx(
         0.141421, abs=1e-5)
     # collapses: seed 1 stopped at step 2 (its first skipped step), seed 2 flagged at step 3 -> 2.5 ± 0.7071
-    # entropy of the last logged step: wapo 1.6 ×3; grpo 1.6, None (seed 1's steps 2-3 are skipped: left out), 1.6
+    # entropy of the last logged step: wapo 1.6 ×3; grpo 1.6, None (seed 1's steps 2-3 are skipped: left out), 1.2
+    # -> 1.4 ± sqrt(2 · 0.2² / 1) = 0.28284
     assert (num(wapo, "entropy_last_mean"), num(wapo, "entropy_last_std")) == pytest.approx((1.6, 0.0))
-    assert (num(grpo, "entropy_last_mean"), num(grpo, "entropy_last_std")) == pytest.approx((1.6, 0.0))
+    assert (num(grpo, "entropy_last_mean"), num(grpo, "entropy_last_std")) == pytest.approx((1.4, 0.28284), abs=1e-5)
     # final below before (0.5): none of wapo's; grpo's seed 2 (0.4) of the 2 with a final (seed 1 diverged)
     assert (wapo["final_below_before"], wapo["with_final"]) == ("0", "3")
     assert (grpo["final_below_before"], grpo["with_final"]) == ("1", "2")
@@ -99,7 +100,7 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert grpo["runs"] == "runs/loss=grpo,seed=0; runs/loss=grpo,seed=1; runs/loss=grpo,seed=2"
     md = (study_dir / "summary.md").read_text()
     assert "| wapo | 3 (3) | 0.500 ± 0.000 | 0.767 ± 0.115 | 0.733 ± 0.153 |" in md
-    assert "| 1.60 ± 0.00 | 1/2 | 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 | runs/loss=grpo,seed=0; " in md
+    assert "| 1.40 ± 0.28 | 1/2 | 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 | runs/loss=grpo,seed=0; " in md
 
 
 def test_each_objective_is_compared_with_wapo_paired_by_seed(study_dir):
@@ -112,9 +113,13 @@ def test_each_objective_is_compared_with_wapo_paired_by_seed(study_dir):
     assert (grpo["reference"], grpo["paired_seeds"]) == ("wapo", "2")
     assert float(grpo["greedy_final_minus_reference_mean"]) == pytest.approx(-0.3)
     assert float(grpo["greedy_final_minus_reference_ci95"]) == pytest.approx(2.5412, abs=1e-4)
+    # the last step's entropy over the same seeds: 1.6 − 1.6 = 0, 1.2 − 1.6 = −0.4
+    # -> −0.2 ± 12.706 · 0.28284 / sqrt(2)
+    assert float(grpo["entropy_last_minus_reference_mean"]) == pytest.approx(-0.2)
+    assert float(grpo["entropy_last_minus_reference_ci95"]) == pytest.approx(2.5412, abs=1e-4)
     assert (wapo["paired_seeds"], float(wapo["greedy_final_minus_reference_mean"])) == ("3", 0.0)
     md = (study_dir / "summary.md").read_text()
-    assert "| grpo | 2 (1 without a final) | -0.300 ± 2.541 | 2/3 | 0/3 |" in md  # seed 1 diverged: said
+    assert "| grpo | 2 (1 without a final) | -0.300 ± 2.541 | -0.20 ± 2.54 | 2/3 | 0/3 |" in md  # seed 1 diverged
     assert (grpo["unpaired_seeds"], wapo["unpaired_seeds"]) == ("1", "0")
     assert '<table id="reference">' in (study_dir / "report.html").read_text()
 
@@ -138,7 +143,7 @@ def test_variants_are_a_column_and_hide_the_keys_they_set(tmp_path):
     # grpo against wapo within each variant: (0.5 − 0.6, 0.5 − 0.8) and (0.4 − 0.5, 0.4 − 0.7): both mean −0.2
     assert [float(r["greedy_final_minus_reference_mean"]) for r in rows] == pytest.approx([0, 0, -0.2, -0.2])
     assert float(rows[2]["greedy_final_mean"]) == pytest.approx(0.4)
-    assert "| grpo | hot | 2 | -0.200 ± 1.271 | 0/2 | 0/2 |" in (tmp_path / "summary.md").read_text()
+    assert "| grpo | hot | 2 | -0.200 ± 1.271 | +0.00 ± 0.00 | 0/2 | 0/2 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_runs_without_a_variant_keep_the_columns_that_tell_them_apart(tmp_path):
@@ -258,6 +263,7 @@ def test_the_readme_table_script_prints_the_summarys_numbers(study_dir):
     axes, rows = module.rows_of("S", study_dir)
     assert axes == ["loss"]
     # the numbers of test_the_summary_holds_the_hand_computed_numbers and of the paired comparison
-    assert rows == [["S", "", "wapo", "3", "0.500 → 0.767 ± 0.115 → 0.733 ± 0.153", "—", "1.60 ± 0.00", "0/3", "0/3"],
+    assert rows == [["S", "", "wapo", "3", "0.500 → 0.767 ± 0.115 → 0.733 ± 0.153", "—", "1.60 ± 0.00", "—", "0/3",
+                     "0/3"],
                     ["S", "", "grpo", "3", "0.500 → 0.533 ± 0.058 → 0.500 ± 0.141", "-0.300 ± 2.541 (2, 1 unpaired)",
-                     "1.60 ± 0.00", "1/2", "2/3 (diverged entropy)"]]
+                     "1.40 ± 0.28", "-0.20 ± 2.54", "1/2", "2/3 (diverged entropy)"]]

@@ -226,8 +226,7 @@ def summarize(values: dict, runs: list[Run], out_dir: Path) -> dict[str, Any]:
         for which in WHEN:
             stats = _mean_std([r.eval_value(key, which) for r in runs])
             row[f"{name}_{which}_mean"], row[f"{name}_{which}_std"] = stats
-    lasts = [_number(r.metrics[-1].get("entropy")) if r.metrics else math.nan for r in runs]
-    row["entropy_last_mean"], row["entropy_last_std"] = _mean_std(lasts)  # the policy's entropy when it stopped
+    row["entropy_last_mean"], row["entropy_last_std"] = _mean_std([_last_entropy(r) for r in runs])
     # a plainer sign of an update gone wrong than the flags: the seeds that end below where they began
     ends = [(r.eval_value(EVALS["greedy"], "before"), r.eval_value(EVALS["greedy"], "final")) for r in runs]
     row["final_below_before"] = sum(1 for before, final in ends if final < before)  # NaN compares False
@@ -271,15 +270,18 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
     """Add to each row its final greedy accuracy minus the reference objective's (WAPO where the study
     has it, else the first objective) in the setting that differs only in the loss, paired by seed
     over the seeds both have a final evaluation for: `reference`, `paired_seeds`,
-    `greedy_final_minus_reference_mean` and `..._ci95` (95% t interval half-width). The reference."""
+    `greedy_final_minus_reference_mean` and `..._ci95` (95% t interval half-width); the same for
+    the entropy of the last step over those seeds (`entropy_last_minus_reference_*`). The reference."""
     losses = [values.get("algorithm.loss") for values, _ in settings]
     if len(set(losses)) < 2:
         return None
     reference = "wapo" if "wapo" in losses else losses[0]
-    finals = {}
+    finals, entropies = {}, {}
     for values, runs in settings:
-        key = json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str)
-        finals[(values.get("algorithm.loss"), key)] = {r.seed: r.eval_value(EVALS["greedy"], "final") for r in runs}
+        key = (values.get("algorithm.loss"),
+               json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str))
+        finals[key] = {r.seed: r.eval_value(EVALS["greedy"], "final") for r in runs}
+        entropies[key] = {r.seed: _last_entropy(r) for r in runs}
     for (values, _), row in zip(settings, rows):
         key = json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str)
         mine, ref = finals[(values.get("algorithm.loss"), key)], finals.get((reference, key), {})
@@ -289,7 +291,16 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
         unpaired = sum(1 for s in mine if s in ref and s not in seeds)
         row.update(reference=reference, paired_seeds=len(seeds), unpaired_seeds=unpaired,
                    greedy_final_minus_reference_mean=mean, greedy_final_minus_reference_ci95=half)
+        h, h_ref = entropies[(values.get("algorithm.loss"), key)], entropies.get((reference, key), {})
+        diffs = [h[s] - h_ref[s] for s in seeds if not (math.isnan(h[s]) or math.isnan(h_ref[s]))]
+        row["entropy_last_minus_reference_mean"], row["entropy_last_minus_reference_ci95"] = (
+            paired_interval(diffs) if diffs else (math.nan, math.nan))
     return reference
+
+
+def _last_entropy(run: Run) -> float:
+    """The policy's entropy at the run's last logged step (NaN without one)."""
+    return _number(run.metrics[-1].get("entropy")) if run.metrics else math.nan
 
 
 def _label(key: str, values: dict) -> str:
@@ -360,15 +371,17 @@ def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[st
 
 
 def _reference_note(reference: str) -> str:
-    return (f"Final greedy accuracy against {reference}, paired by seed: this objective's minus {reference}'s "
-            f"over the seeds both have a final evaluation for, mean ± the half-width of its 95% t interval. A run "
+    return (f"Final greedy accuracy and the entropy of the last step against {reference}, paired by seed: this "
+            f"objective's minus {reference}'s over the seeds both have a final evaluation for, mean ± the half-width "
+            f"of its 95% t interval. A run "
             f"the trainer stopped for non-finite steps (diverged), or one not finished yet, has no final "
             f"evaluation: its seed is counted as \"without a final\", not paired.")
 
 
 def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the comparison with the reference objective (rows of the other objectives)."""
-    header = labels + ["paired seeds", f"greedy final − {reference}", "collapses", f"{reference} collapses"]
+    header = labels + ["paired seeds", f"greedy final − {reference}", f"entropy, last step − {reference}",
+                       "collapses", f"{reference} collapses"]
     loss = labels[0]  # setting_axes puts algorithm.loss first
     key = lambda row: json.dumps({a: row[a] for a in labels[1:]}, sort_keys=True, default=str)  # noqa: E731
     ref = {key(row): row for row in rows if row[loss] == reference}
@@ -376,14 +389,20 @@ def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tup
     for row in rows:
         if row[loss] == reference:
             continue
-        mean, half = row["greedy_final_minus_reference_mean"], row["greedy_final_minus_reference_ci95"]
-        diff = "—" if math.isnan(mean) else f"{mean:+.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
+        diff, entropy = (_difference(row, f"{name}_minus_reference", digits)
+                         for name, digits in (("greedy_final", 3), ("entropy_last", 2)))
         other = ref.get(key(row))
         paired = str(row["paired_seeds"]) + (f" ({row['unpaired_seeds']} without a final)" if row["unpaired_seeds"]
                                              else "")
-        body.append([str(row[a]) for a in labels] + [paired, diff, f"{row['collapses']}/{row['seeds']}",
+        body.append([str(row[a]) for a in labels] + [paired, diff, entropy, f"{row['collapses']}/{row['seeds']}",
                      f"{other['collapses']}/{other['seeds']}" if other else "—"])
     return header, body
+
+
+def _difference(row: dict, name: str, digits: int) -> str:
+    """`+mean ± half-width` of a paired difference, `—` for none."""
+    mean, half = row[f"{name}_mean"], row[f"{name}_ci95"]
+    return "—" if math.isnan(mean) else f"{mean:+.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
 
 
 def _markdown(header: list[str], body: list[list[str]]) -> str:
