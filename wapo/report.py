@@ -16,7 +16,8 @@ The axes shown are the config keys that differ between runs, plus those of D/stu
   with a `collapsed` step or a run the trainer stopped for non-finite steps), steps to the first
   collapse, seconds per step (sampling + update), and the run folders the numbers come from;
 - against the reference objective (WAPO where the study has it, else the first): the final
-  greedy accuracy's difference, paired by seed, with a 95% t interval, and both collapse counts.
+  greedy accuracy's and the last step's entropy's differences, paired by seed, with 95% t
+  intervals, and both collapse counts.
 
 Collapse flags are read from metrics.jsonl (`wapo.collapse`); a run logged without them is
 replayed through `CollapseDetector()` with default thresholds. Written: D/report.html (plots
@@ -287,7 +288,7 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
         mine, ref = finals[(values.get("algorithm.loss"), key)], finals.get((reference, key), {})
         seeds = [s for s in sorted(mine) if s in ref and not math.isnan(mine[s]) and not math.isnan(ref[s])]
         mean, half = paired_interval([mine[s] - ref[s] for s in seeds]) if seeds else (math.nan, math.nan)
-        # a seed both ran but one of them has no final evaluation (it diverged): said, not hidden
+        # a seed both ran but one of them has no final evaluation (diverged, or unfinished): said, not hidden
         unpaired = sum(1 for s in mine if s in ref and s not in seeds)
         row.update(reference=reference, paired_seeds=len(seeds), unpaired_seeds=unpaired,
                    greedy_final_minus_reference_mean=mean, greedy_final_minus_reference_ci95=half)
