@@ -124,6 +124,27 @@ def test_each_objective_is_compared_with_wapo_paired_by_seed(study_dir):
     assert '<table id="reference">' in (study_dir / "report.html").read_text()
 
 
+def test_the_last_steps_entropy_is_the_one_a_finished_run_logged_last(tmp_path):
+    # dapo seed 1's last step had no token to describe (dynamic sampling found no mixed group: entropy
+    # null, no update), so the entropy it logged last, 1.4, is still its policy's; seed 2 stopped after 2
+    # of its 3 steps: its 0.5 is no last step's, and it is left out as its final accuracy is
+    evals = [(0, "before", 0.5), (3, "after", 0.6)]
+    for seed in (0, 1):
+        _run(tmp_path, "wapo", seed, [0.3, 0.5, 0.7], [2.0, 1.8, 1.7], evals)
+    _run(tmp_path, "dapo", 0, [0.3, 0.5, 0.7], [2.0, 1.8, 1.6], evals)
+    _run(tmp_path, "dapo", 1, [0.3, 0.5, 0.7], [2.0, 1.4, None], evals)
+    _run(tmp_path, "dapo", 2, [0.3, 0.5], [2.0, 0.5], evals[:1])
+    write_report(tmp_path)
+    with (tmp_path / "summary.csv").open() as f:
+        dapo = next(r for r in csv.DictReader(f) if r["loss"] == "dapo")
+    # (1.6 + 1.4) / 2 = 1.5 ± sqrt(2 · 0.1² / 1) = 0.141421
+    assert float(dapo["entropy_last_mean"]) == pytest.approx(1.5)
+    assert float(dapo["entropy_last_std"]) == pytest.approx(0.141421, abs=1e-6)
+    # against wapo (1.7 on both seeds): 1.6 − 1.7 = −0.1, 1.4 − 1.7 = −0.3 -> −0.2 ± 12.706 · 0.141421 / sqrt(2)
+    assert float(dapo["entropy_last_minus_reference_mean"]) == pytest.approx(-0.2)
+    assert float(dapo["entropy_last_minus_reference_ci95"]) == pytest.approx(1.2706, abs=1e-4)
+
+
 def test_variants_are_a_column_and_hide_the_keys_they_set(tmp_path):
     up, h = [0.3, 0.5, 0.7], [2.0, 1.8, 1.6]
     for loss in ("wapo", "grpo"):

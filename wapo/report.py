@@ -10,8 +10,8 @@ The axes shown are the config keys that differ between runs, plus those of D/stu
   length, length-cap share, the five taxonomy bins' token fractions and forecast ΔH, clip
   fractions, gradient norm, repetition; a red × marks each step a collapse flag is up;
 - one table row: held-out greedy accuracy and pass@k before training / at their peak over all
-  evaluations / after training (mean ± std over seeds, n − 1 denominator), the entropy of the
-  last logged step (mean ± std over seeds), the seeds whose final
+  evaluations / after training (mean ± std over seeds, n − 1 denominator), the entropy logged
+  last by each finished run (mean ± std over seeds), the seeds whose final
   greedy accuracy is below their accuracy before training, collapses (seeds
   with a `collapsed` step or a run the trainer stopped for non-finite steps), steps to the first
   collapse, seconds per step (sampling + update), and the run folders the numbers come from;
@@ -300,8 +300,15 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
 
 
 def _last_entropy(run: Run) -> float:
-    """The policy's entropy at the run's last logged step (NaN without one)."""
-    return _number(run.metrics[-1].get("entropy")) if run.metrics else math.nan
+    """The entropy a finished run logged last; NaN for a run that did not finish (diverged, or not yet).
+
+    A step with no token to describe (dynamic sampling found no mixed group) logs none and updates
+    nothing, so the entropy logged before it is still the policy's; an unfinished run's last step
+    is not the study's last step."""
+    if run.state != "finished":
+        return math.nan
+    return next((h for h in (_number(r.get("entropy")) for r in reversed(run.metrics)) if not math.isnan(h)),
+                math.nan)
 
 
 def _label(key: str, values: dict) -> str:
