@@ -4,10 +4,13 @@
 
 Each argument is `NAME=DIR` (or a bare DIR, named after it); DIR/summary.csv is read as
 `wapo report DIR` wrote it (rerun that first when runs were added). One row per setting:
-held-out greedy accuracy before → peak → final (mean ± std over seeds), the final's paired
-difference with WAPO in the same setting (95% t interval), the policy's entropy at the last
-step and its paired difference with WAPO's, the seeds that ended below their start, and the
-collapses flagged online. The summary has the rest (pass@k, times, the run folders).
+held-out greedy accuracy before → peak → final (mean ± std over seeds; the start as one number
+when every seed has it), the final's paired difference with WAPO in the same setting (95% t
+interval; in brackets the seeds paired, and those without a final evaluation), the policy's
+entropy at the last step and its paired difference with WAPO's, the seeds that ended below
+their start, and the collapses flagged online. The cells are `wapo report`'s own
+(`wapo.report.mean_std_text`, `difference_text`); the summary has the rest (pass@k, times, the
+run folders).
 """
 
 from __future__ import annotations
@@ -17,22 +20,12 @@ import csv
 import math
 from pathlib import Path
 
-def _number(text: str) -> float:
-    return float(text) if text not in ("", None) else math.nan
+from wapo.report import difference_text, mean_std_text
 
 
-def _mean_std(row: dict, name: str, digits: int = 3) -> str:
-    mean, std = _number(row[f"{name}_mean"]), _number(row[f"{name}_std"])
-    if math.isnan(mean):
-        return "—"
-    return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
-
-
-def _difference(row: dict, name: str, digits: int) -> str:
-    mean, half = _number(row[f"{name}_minus_reference_mean"]), _number(row[f"{name}_minus_reference_ci95"])
-    if math.isnan(mean):
-        return "—"
-    return f"{mean:+.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
+def _numbers(row: dict) -> dict:
+    """A summary.csv row with its statistics as floats (an empty cell: NaN), as `wapo report` holds them."""
+    return {k: (float(v) if v else math.nan) if k.endswith(("_mean", "_std", "_ci95")) else v for k, v in row.items()}
 
 
 def setting_columns(header: list[str]) -> list[str]:
@@ -44,22 +37,23 @@ def setting_columns(header: list[str]) -> list[str]:
 def rows_of(name: str, folder: Path) -> tuple[list[str], list[list[str]]]:
     with (folder / "summary.csv").open() as f:
         reader = csv.DictReader(f)
-        header, rows = list(reader.fieldnames or []), list(reader)
+        header, rows = list(reader.fieldnames or []), [_numbers(row) for row in reader]
     axes = setting_columns(header)
     out = []
     for row in rows:
         setting = ", ".join(f"{a} {row[a]}" for a in axes[1:])
-        before = _number(row["greedy_before_mean"])
-        accuracy = (f"{before:.3f} → {_mean_std(row, 'greedy_peak')} → {_mean_std(row, 'greedy_final')}"
-                    if not math.isnan(before) else "—")
+        # one number where every seed starts from the same accuracy (same model, same held-out set)
+        before = (f"{row['greedy_before_mean']:.3f}" if row["greedy_before_std"] == 0
+                  else mean_std_text(row, "greedy_before"))
+        accuracy = (f"{before} → {mean_std_text(row, 'greedy_peak')} → {mean_std_text(row, 'greedy_final')}"
+                    if not math.isnan(row["greedy_peak_mean"]) else "—")  # no peak: never evaluated
         vs = entropy_vs = "—"
-        mean = _number(row.get("greedy_final_minus_reference_mean", ""))
-        if row.get("reference") and row["loss"] != row["reference"] and not math.isnan(mean):
-            unpaired = f", {row['unpaired_seeds']} unpaired" if row["unpaired_seeds"] != "0" else ""
-            vs = f"{_difference(row, 'greedy_final', 3)} ({row['paired_seeds']}{unpaired})"
-            entropy_vs = _difference(row, "entropy_last", 2)
+        if row.get("reference") and row["loss"] != row["reference"]:
+            without = f", {row['unpaired_seeds']} without a final" if row["unpaired_seeds"] != "0" else ""
+            vs = f"{difference_text(row, 'greedy_final_minus_reference', 3)} ({row['paired_seeds']}{without})"
+            entropy_vs = difference_text(row, "entropy_last_minus_reference", 2)
         kinds = f" ({row['collapse_kinds']})" if row["collapse_kinds"] else ""
-        entropy = _mean_std(row, "entropy_last", 2)
+        entropy = mean_std_text(row, "entropy_last", 2)
         out.append([name, setting, row["loss"], row["seeds"], accuracy, vs, entropy, entropy_vs,
                     f"{row['final_below_before']}/{row['with_final']}", f"{row['collapses']}/{row['seeds']}{kinds}"])
     settings = list(dict.fromkeys(cells[1] for cells in out))  # by setting, then the objectives in the study's order

@@ -274,17 +274,39 @@ def test_threads_split_settings_only_when_they_are_a_study_axis():
     assert setting_axes(runs, ["algorithm.loss", "model.threads", "run.seed"]) == ["algorithm.loss", "model.threads"]
 
 
-def test_the_readme_table_script_prints_the_summarys_numbers(study_dir):
+def _study_table():
+    """benchmarks/study_table.py as a module."""
     import importlib.util
 
     path = Path(__file__).parent.parent / "benchmarks" / "study_table.py"
     spec = importlib.util.spec_from_file_location("study_table", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    axes, rows = module.rows_of("S", study_dir)
+    return module
+
+
+def test_the_readme_table_script_prints_the_summarys_numbers(study_dir):
+    axes, rows = _study_table().rows_of("S", study_dir)
     assert axes == ["loss"]
     # the numbers of test_the_summary_holds_the_hand_computed_numbers and of the paired comparison
-    assert rows == [["S", "", "wapo", "3", "0.500 → 0.767 ± 0.115 → 0.733 ± 0.153", "—", "1.60 ± 0.00", "—", "0/3",
-                     "0/3"],
-                    ["S", "", "grpo", "3", "0.500 → 0.533 ± 0.058 → 0.500 ± 0.141", "-0.300 ± 2.541 (2, 1 unpaired)",
-                     "1.40 ± 0.28", "-0.20 ± 2.54", "1/2", "2/3 (diverged entropy)"]]
+    assert rows == [
+        ["S", "", "wapo", "3", "0.500 → 0.767 ± 0.115 → 0.733 ± 0.153", "—", "1.60 ± 0.00", "—", "0/3", "0/3"],
+        ["S", "", "grpo", "3", "0.500 → 0.533 ± 0.058 → 0.500 ± 0.141", "-0.300 ± 2.541 (2, 1 without a final)",
+         "1.40 ± 0.28", "-0.20 ± 2.54", "1/2", "2/3 (diverged entropy)"]]
+
+
+def test_the_readme_table_shows_a_spread_start_and_seeds_it_could_not_pair(tmp_path):
+    # wapo starts at 0.5 and 0.6 (seeds that differ in the held-out start: its spread is shown) and ends 0.2 up;
+    # both grpo seeds diverged (no final): no difference to show, and the two seeds it could not pair are said
+    for seed, before in enumerate((0.5, 0.6)):
+        _run(tmp_path, "wapo", seed, [0.3, 0.5, 0.7], [2.0, 1.8, 1.6],
+             [(0, "before", before), (3, "after", before + 0.2)])
+        _run(tmp_path, "grpo", seed, [0.3] * 3, [2.0, None, None], [(0, "before", before)], skipped_step=[0, 1, 1])
+    (tmp_path / "study.toml").write_text('[axes]\n"algorithm.loss" = ["wapo", "grpo"]\n"run.seed" = [0, 1]\n')
+    write_report(tmp_path)
+    _, rows = _study_table().rows_of("T", tmp_path)
+    # 0.55 ± sqrt(2 · 0.05² / 1) = 0.0707 for every mean here
+    assert rows == [
+        ["T", "", "wapo", "2", "0.550 ± 0.071 → 0.750 ± 0.071 → 0.750 ± 0.071", "—", "1.60 ± 0.00", "—", "0/2", "0/2"],
+        ["T", "", "grpo", "2", "0.550 ± 0.071 → 0.550 ± 0.071 → —", "— (0, 2 without a final)", "—", "—", "0/0",
+         "2/2 (diverged)"]]

@@ -353,8 +353,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
                          for row in rows)
 
 
-def _cell(row: dict, name: str, digits: int = 3) -> str:
-    """`mean ± std` of `name`, `mean` alone for one value, `—` for none."""
+def mean_std_text(row: dict, name: str, digits: int = 3) -> str:
+    """`mean ± std` of a summary row's `name` (`name_mean`, `name_std`), `mean` alone for one value, `—` for none."""
     mean, std = row[f"{name}_mean"], row[f"{name}_std"]
     if math.isnan(mean):
         return "—"
@@ -368,12 +368,12 @@ def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[st
     body = []
     for row in rows:
         cells = [str(row[a]) for a in labels] + [f"{row['seeds']} ({row['finished']})"]
-        cells += [_cell(row, f"{m}_{w}") for m in EVALS for w in WHEN]
+        cells += [mean_std_text(row, f"{m}_{w}") for m in EVALS for w in WHEN]
         kinds = f" ({row['collapse_kinds']})" if row["collapse_kinds"] else ""
-        cells += [_cell(row, "entropy_last", 2), f"{row['final_below_before']}/{row['with_final']}",
+        cells += [mean_std_text(row, "entropy_last", 2), f"{row['final_below_before']}/{row['with_final']}",
                   f"{row['collapses']}/{row['seeds']}{kinds}",
-                  _cell(row, "steps_to_collapse", 1),
-                  _cell(row, "seconds_per_step", 1), row["runs"]]
+                  mean_std_text(row, "steps_to_collapse", 1),
+                  mean_std_text(row, "seconds_per_step", 1), row["runs"]]
         body.append(cells)
     return header, body
 
@@ -397,7 +397,7 @@ def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tup
     for row in rows:
         if row[loss] == reference:
             continue
-        diff, entropy = (_difference(row, f"{name}_minus_reference", digits)
+        diff, entropy = (difference_text(row, f"{name}_minus_reference", digits)
                          for name, digits in (("greedy_final", 3), ("entropy_last", 2)))
         other = ref.get(key(row))
         paired = str(row["paired_seeds"]) + (f" ({row['unpaired_seeds']} without a final)" if row["unpaired_seeds"]
@@ -407,8 +407,8 @@ def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tup
     return header, body
 
 
-def _difference(row: dict, name: str, digits: int) -> str:
-    """`+mean ± half-width` of a paired difference, `—` for none."""
+def difference_text(row: dict, name: str, digits: int) -> str:
+    """`+mean ± half-width` of a summary row's paired difference `name` (`name_mean`, `name_ci95`), `—` for none."""
     mean, half = row[f"{name}_mean"], row[f"{name}_ci95"]
     return "—" if math.isnan(mean) else f"{mean:+.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
 
