@@ -458,3 +458,18 @@ def test_a_cell_recorded_before_threads_were_recorded_matches_any_count(tmp_path
     cell.dir.mkdir(parents=True)
     (cell.dir / "config.toml").write_text(cfg.dump_toml(cfg.from_dict({"model": {"threads": 0}}, cell.config)))
     assert compare(tmp_path / "s.toml", out, jobs=1) == 0 and no_training == {"seed=0": 3}  # auto: torch's default
+
+
+def test_compare_loads_the_report_before_it_runs_a_cell(tmp_path, monkeypatch):
+    # a study runs for hours: the report written at its end is the code it started with, not what is on disk then
+    import wapo
+    import wapo.report
+    import wapo.study as study_module
+
+    monkeypatch.setattr(wapo, "report", wapo.report)  # the package's attribute and sys.modules: both restored after
+    monkeypatch.delitem(sys.modules, "wapo.report")
+    loaded = []  # at the moment the cells run: is the report's module loaded?
+    monkeypatch.setattr(study_module, "_run_here",
+                        lambda todo, *rest: loaded.append("wapo.report" in sys.modules) or {})
+    assert compare(_write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0]\n'), tmp_path / "D") == 0
+    assert loaded == [True]
