@@ -277,22 +277,27 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
     if len(set(losses)) < 2:
         return None
     reference = "wapo" if "wapo" in losses else losses[0]
+
+    def keys(values: dict) -> tuple[tuple, tuple]:
+        """(this setting, the reference's setting that differs from it only in the loss)."""
+        rest = json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str)
+        return (values.get("algorithm.loss"), rest), (reference, rest)
+
     finals, entropies = {}, {}
     for values, runs in settings:
-        key = (values.get("algorithm.loss"),
-               json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str))
+        key = keys(values)[0]
         finals[key] = {r.seed: r.eval_value(EVALS["greedy"], "final") for r in runs}
         entropies[key] = {r.seed: _last_entropy(r) for r in runs}
     for (values, _), row in zip(settings, rows):
-        key = json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str)
-        mine, ref = finals[(values.get("algorithm.loss"), key)], finals.get((reference, key), {})
+        key, ref_key = keys(values)
+        mine, ref = finals[key], finals.get(ref_key, {})
         seeds = [s for s in sorted(mine) if s in ref and not math.isnan(mine[s]) and not math.isnan(ref[s])]
         mean, half = paired_interval([mine[s] - ref[s] for s in seeds]) if seeds else (math.nan, math.nan)
         # a seed both ran but one of them has no final evaluation (diverged, or unfinished): said, not hidden
         unpaired = sum(1 for s in mine if s in ref and s not in seeds)
         row.update(reference=reference, paired_seeds=len(seeds), unpaired_seeds=unpaired,
                    greedy_final_minus_reference_mean=mean, greedy_final_minus_reference_ci95=half)
-        h, h_ref = entropies[(values.get("algorithm.loss"), key)], entropies.get((reference, key), {})
+        h, h_ref = entropies[key], entropies.get(ref_key, {})
         diffs = [h[s] - h_ref[s] for s in seeds if not (math.isnan(h[s]) or math.isnan(h_ref[s]))]
         row["entropy_last_minus_reference_mean"], row["entropy_last_minus_reference_ci95"] = (
             paired_interval(diffs) if diffs else (math.nan, math.nan))
