@@ -35,6 +35,7 @@ def setting_columns(header: list[str]) -> list[str]:
 
 
 def rows_of(name: str, folder: Path) -> tuple[list[str], list[list[str]]]:
+    """(axis columns, table rows) of the study `name` from folder/summary.csv, grouped by setting."""
     with (folder / "summary.csv").open() as f:
         reader = csv.DictReader(f)
         header, rows = list(reader.fieldnames or []), [_numbers(row) for row in reader]

@@ -85,7 +85,7 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert num(grpo, "greedy_final_mean") == pytest.approx(0.5) and num(grpo, "greedy_final_std") == pytest.approx(
         0.141421, abs=1e-5)
     # collapses: seed 1 stopped at step 2 (its first skipped step), seed 2 flagged at step 3 -> 2.5 ± 0.7071
-    # entropy of the last logged step: wapo 1.6 ×3; grpo 1.6, None (seed 1's steps 2-3 are skipped: left out), 1.2
+    # entropy of the last step: wapo 1.6 ×3; grpo 1.6, 1.2 (seed 1 diverged, unfinished: left out)
     # -> 1.4 ± sqrt(2 · 0.2² / 1) = 0.28284
     assert (num(wapo, "entropy_last_mean"), num(wapo, "entropy_last_std")) == pytest.approx((1.6, 0.0))
     assert (num(grpo, "entropy_last_mean"), num(grpo, "entropy_last_std")) == pytest.approx((1.4, 0.28284), abs=1e-5)
