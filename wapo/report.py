@@ -444,7 +444,9 @@ def _html(out_dir: Path, description: str, labels: list[str], settings: list[tup
              f"<p>{sum(len(m) for _, m in settings)} runs in {len(settings)} settings, from <code>{esc(str(out_dir))}"
              f"/runs</code>; written {datetime.now():%Y-%m-%d %H:%M}. Mean ± standard deviation over seeds (n − 1); "
              "peak = best of all held-out evaluations of a run; final = after training; a collapse is a seed with "
-             "a <code>collapsed</code> step (docs/metrics.md) or stopped for non-finite steps.</p>",
+             "a <code>collapsed</code> step (docs/metrics.md) or stopped for non-finite steps; entropy, last step = "
+             "the entropy each finished run logged last; greedy final &lt; before = the seeds that ended below their "
+             "start, of those with both evaluations.</p>",
              "<h2>Summary</h2>", table,
              "<h2>Settings side by side</h2><p>Mean over seeds, band ± one standard deviation.</p>",
              _img(_overview_figure(settings))]
