@@ -129,14 +129,20 @@ def test_the_last_steps_entropy_is_the_one_a_finished_run_logged_last(tmp_path):
     # null, no update), so the entropy it logged last, 1.4, is still its policy's; seed 2 stopped after 2
     # of its 3 steps: its 0.5 is no last step's, and it is left out as its final accuracy is
     evals = [(0, "before", 0.5), (3, "after", 0.6)]
-    for seed in (0, 1):
-        _run(tmp_path, "wapo", seed, [0.3, 0.5, 0.7], [2.0, 1.8, 1.7], evals)
+    _run(tmp_path, "wapo", 0, [0.3, 0.5, 0.7], [2.0, 1.8, 1.7], evals)
+    _run(tmp_path, "wapo", 1, [0.3, 0.5, 0.7], [None, 1.8, 1.7], evals)  # its first step logged no entropy
     _run(tmp_path, "dapo", 0, [0.3, 0.5, 0.7], [2.0, 1.8, 1.6], evals)
-    _run(tmp_path, "dapo", 1, [0.3, 0.5, 0.7], [2.0, 1.4, None], evals)
-    _run(tmp_path, "dapo", 2, [0.3, 0.5], [2.0, 0.5], evals[:1])
+    _run(tmp_path, "dapo", 1, [0.3, 0.5, 0.7], [2.2, 1.4, None], evals)
+    _run(tmp_path, "dapo", 2, [0.3, 0.5], [2.3, 0.5], evals[:1])
     write_report(tmp_path)
     with (tmp_path / "summary.csv").open() as f:
-        dapo = next(r for r in csv.DictReader(f) if r["loss"] == "dapo")
+        rows = {r["loss"]: r for r in csv.DictReader(f)}
+    wapo, dapo = rows["wapo"], rows["dapo"]
+    # the first step's entropy counts every run, finished or not: dapo 2.0, 2.2, 2.3 -> 2.1667 ±
+    # sqrt((0.1667² + 0.0333² + 0.1333²) / 2) = 0.15275; wapo seed 1's first logged entropy is its step 2's
+    assert float(dapo["entropy_first_mean"]) == pytest.approx(2.16667, abs=1e-5)
+    assert float(dapo["entropy_first_std"]) == pytest.approx(0.15275, abs=1e-5)
+    assert float(wapo["entropy_first_mean"]) == pytest.approx(1.9)
     # (1.6 + 1.4) / 2 = 1.5 ± sqrt(2 · 0.1² / 1) = 0.141421
     assert float(dapo["entropy_last_mean"]) == pytest.approx(1.5)
     assert float(dapo["entropy_last_std"]) == pytest.approx(0.141421, abs=1e-6)
@@ -290,9 +296,9 @@ def test_the_readme_table_script_prints_the_summarys_numbers(study_dir):
     assert axes == ["loss"]
     # the numbers of test_the_summary_holds_the_hand_computed_numbers and of the paired comparison
     assert rows == [
-        ["S", "", "wapo", "3", "0.500 → 0.767 ± 0.115 → 0.733 ± 0.153", "—", "1.60 ± 0.00", "—", "0/3", "0/3"],
+        ["S", "", "wapo", "3", "0.500 → 0.767 ± 0.115 → 0.733 ± 0.153", "—", "2.00 → 1.60 ± 0.00", "—", "0/3", "0/3"],
         ["S", "", "grpo", "3", "0.500 → 0.533 ± 0.058 → 0.500 ± 0.141", "-0.300 ± 2.541 (2, 1 without a final)",
-         "1.40 ± 0.28", "-0.20 ± 2.54", "1/2", "2/3 (diverged entropy)"]]
+         "2.00 → 1.40 ± 0.28", "-0.20 ± 2.54", "1/2", "2/3 (diverged entropy)"]]
 
 
 def test_the_readme_table_shows_a_spread_start_and_seeds_it_could_not_pair(tmp_path):
@@ -307,6 +313,6 @@ def test_the_readme_table_shows_a_spread_start_and_seeds_it_could_not_pair(tmp_p
     _, rows = _study_table().rows_of("T", tmp_path)
     # 0.55 ± sqrt(2 · 0.05² / 1) = 0.0707 for every mean here
     assert rows == [
-        ["T", "", "wapo", "2", "0.550 ± 0.071 → 0.750 ± 0.071 → 0.750 ± 0.071", "—", "1.60 ± 0.00", "—", "0/2", "0/2"],
-        ["T", "", "grpo", "2", "0.550 ± 0.071 → 0.550 ± 0.071 → —", "— (0, 2 without a final)", "—", "—", "0/0",
+        ["T", "", "wapo", "2", "0.550 ± 0.071 → 0.750 ± 0.071 → 0.750 ± 0.071", "—", "2.00 → 1.60 ± 0.00", "—", "0/2", "0/2"],
+        ["T", "", "grpo", "2", "0.550 ± 0.071 → 0.550 ± 0.071 → —", "— (0, 2 without a final)", "2.00 → —", "—", "0/0",
          "2/2 (diverged)"]]

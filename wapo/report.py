@@ -11,7 +11,7 @@ The axes shown are the config keys that differ between runs, plus those of D/stu
   fractions, gradient norm, repetition; a red × marks each step a collapse flag is up;
 - one table row: held-out greedy accuracy and pass@k before training / at their peak over all
   evaluations / after training (mean ± std over seeds, n − 1 denominator), the entropy logged
-  last by each finished run (mean ± std over seeds), the seeds whose final
+  first by each run and last by each finished run (mean ± std over seeds), the seeds whose final
   greedy accuracy is below their accuracy before training, collapses (seeds
   with a `collapsed` step or a run the trainer stopped for non-finite steps), steps to the first
   collapse, seconds per step (sampling + update), and the run folders the numbers come from;
@@ -227,6 +227,7 @@ def summarize(values: dict, runs: list[Run], out_dir: Path) -> dict[str, Any]:
         for which in WHEN:
             stats = _mean_std([r.eval_value(key, which) for r in runs])
             row[f"{name}_{which}_mean"], row[f"{name}_{which}_std"] = stats
+    row["entropy_first_mean"], row["entropy_first_std"] = _mean_std([_first_entropy(r) for r in runs])
     row["entropy_last_mean"], row["entropy_last_std"] = _mean_std([_last_entropy(r) for r in runs])
     # a plainer sign of an update gone wrong than the flags: the seeds that end below where they began
     ends = [(r.eval_value(EVALS["greedy"], "before"), r.eval_value(EVALS["greedy"], "final")) for r in runs]
@@ -304,6 +305,11 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
     return reference
 
 
+def _first_entropy(run: Run) -> float:
+    """The entropy a run logged first: its starting policy's on its first batch (NaN if it logged none)."""
+    return next((h for h in (_number(r.get("entropy")) for r in run.metrics) if not math.isnan(h)), math.nan)
+
+
 def _last_entropy(run: Run) -> float:
     """The entropy a finished run logged last; NaN for a run that did not finish (diverged, or not yet).
 
@@ -369,13 +375,15 @@ def mean_std_text(row: dict, name: str, digits: int = 3) -> str:
 def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the summary table (shared by Markdown and HTML); `labels`: the axes'."""
     header = labels + ["seeds (finished)"] + [f"{m} {w}" for m in EVALS for w in WHEN]
-    header += ["entropy, last step", "greedy final < before", "collapses", "steps to collapse", "s / step", "runs"]
+    header += ["entropy, first step", "entropy, last step", "greedy final < before", "collapses",
+               "steps to collapse", "s / step", "runs"]
     body = []
     for row in rows:
         cells = [str(row[a]) for a in labels] + [f"{row['seeds']} ({row['finished']})"]
         cells += [mean_std_text(row, f"{m}_{w}") for m in EVALS for w in WHEN]
         kinds = f" ({row['collapse_kinds']})" if row["collapse_kinds"] else ""
-        cells += [mean_std_text(row, "entropy_last", 2), f"{row['final_below_before']}/{row['with_final']}",
+        cells += [mean_std_text(row, "entropy_first", 2), mean_std_text(row, "entropy_last", 2),
+                  f"{row['final_below_before']}/{row['with_final']}",
                   f"{row['collapses']}/{row['seeds']}{kinds}",
                   mean_std_text(row, "steps_to_collapse", 1),
                   mean_std_text(row, "seconds_per_step", 1), row["runs"]]
@@ -444,7 +452,8 @@ def _html(out_dir: Path, description: str, labels: list[str], settings: list[tup
              f"<p>{sum(len(m) for _, m in settings)} runs in {len(settings)} settings, from <code>{esc(str(out_dir))}"
              f"/runs</code>; written {datetime.now():%Y-%m-%d %H:%M}. Mean ± standard deviation over seeds (n − 1); "
              "peak = best of all held-out evaluations of a run; final = after training; a collapse is a seed with "
-             "a <code>collapsed</code> step (docs/metrics.md) or stopped for non-finite steps; entropy, last step = "
+             "a <code>collapsed</code> step (docs/metrics.md) or stopped for non-finite steps; entropy, first step = "
+             "the entropy each run logged first (its starting policy's); entropy, last step = "
              "the entropy each finished run logged last; greedy final &lt; before = the seeds that ended below their "
              "start, of those with both evaluations.</p>",
              "<h2>Summary</h2>", table,
