@@ -103,3 +103,42 @@ def test_probe_command_reports_every_update_kind(probe_config, tiny_model_dir, t
         if r["tokens"]:
             assert 0 <= r["dlogp_agree"] <= 1 and r["mean_dlogp"] != 0  # the real updates moved the tokens
     assert rows[("sgd", "all")]["tokens"] > 0
+
+
+def _probe_table():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "probe_table.py"
+    spec = importlib.util.spec_from_file_location("probe_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _probe_json(path, loss: str, tokens: list[int], shift: float):
+    """A `wapo probe --json` file: bins with `tokens` each (in BINS order), agreement 0.5 + shift per bin index."""
+    bins = ("pos_peak", "pos_valley", "neg_peak", "neg_valley")
+    rows = [{"update": u, "bin": b, "tokens": n, "dlogp_agree": 0.5 + shift * k, "dentropy_agree": 0.25,
+             "mean_dlogp": -0.01 * (k + 1), "mean_dentropy": shift - 0.1}
+            for u in ("logits", "sgd", "adamw") for k, (b, n) in enumerate(zip(bins, tokens))]
+    rows += [{"update": u, "bin": "all", "tokens": sum(tokens), "dlogp_agree": 0.5, "dentropy_agree": 0.25,
+              "mean_dlogp": 0.0, "mean_dentropy": shift} for u in ("logits", "sgd", "adamw")]
+    path.write_text(json.dumps({"model": "m", "env": "arithmetic", "loss": loss, "batches": 5, "rows": rows}))
+    return path
+
+
+def test_the_probe_tables_print_shares_and_refuse_probes_of_other_batches(tmp_path):
+    table = _probe_table()
+    grpo = table.load(_probe_json(tmp_path / "g.json", "grpo", [20, 10, 40, 30], 0.1))
+    wapo = table.load(_probe_json(tmp_path / "w.json", "wapo", [20, 10, 40, 30], 0.05))
+    lines = table.agreement_table(grpo[1])
+    # pos valley: 10 of 100 tokens; Δ log p agreement 0.5 + 0.1 · 1 = 60% under each update, ΔH 25%
+    assert lines[3] == "| pos valley (10%) | 60% | 60% | 60% | 25% | 25% | 25% |"
+    lines = table.change_table(grpo, wapo)
+    # neg peak (index 2): Δ log p −0.03 on both sides, ΔH 0.1 − 0.1 = 0 vs 0.05 − 0.1 = −0.05
+    assert lines[4] == "| neg peak | 40 | -0.030 / -0.030 | +0.000 / -0.050 | -0.030 / -0.030 | +0.000 / -0.050 |"
+    assert lines[6] == "| all | 100 | +0.000 / +0.000 | +0.100 / +0.050 | +0.000 / +0.000 | +0.100 / +0.050 |"
+    other = table.load(_probe_json(tmp_path / "o.json", "wapo", [21, 10, 39, 30], 0.05))
+    with pytest.raises(SystemExit, match="different batches"):
+        table.change_table(grpo, other)
