@@ -316,3 +316,19 @@ def test_the_readme_table_shows_a_spread_start_and_seeds_it_could_not_pair(tmp_p
         ["T", "", "wapo", "2", "0.550 ± 0.071 → 0.750 ± 0.071 → 0.750 ± 0.071", "—", "2.00 → 1.60 ± 0.00", "—", "0/2", "0/2"],
         ["T", "", "grpo", "2", "0.550 ± 0.071 → 0.550 ± 0.071 → —", "— (0, 2 without a final)", "2.00 → —", "—", "0/0",
          "2/2 (diverged)"]]
+
+
+def test_tool_use_counts_each_steps_searches_and_leaves_out_what_it_cannot_know(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tool_use", Path(__file__).parent.parent / "benchmarks" / "tool_use.py")
+    tool_use = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool_use)
+    # the counter since the process started: 300 after step 1 (an evaluation's searches in it), +64, +32;
+    # a resume counts from 0 again (40: not this step's alone), then +16; one step without the counter
+    counts = [300, 364, 396, 40, 56, None]
+    per = tool_use.searches_per_episode([{"env_searches": c} for c in counts], episodes=32)
+    assert per == [None, 2.0, 1.0, None, 0.5, None]
+    run = _run(tmp_path, "wapo", 0, [0.25, 0.5, 0.0], [1.0, 1.0, 1.0], [], env_searches=[300, 364, 364])
+    # the fixture's config: 8 prompts × 8 samples = 64 episodes a step; truncated_frac 0.0 every step
+    assert tool_use.run_line(run) == "| loss=wapo,seed=0 | 0.25 0.50 0.00 | · 1.0 0.0 | 0.00 0.00 0.00 |"
