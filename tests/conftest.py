@@ -28,6 +28,21 @@ def char_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def benchmark_script():
+    """`load(name) -> module`: benchmarks/<name>.py imported as a module (benchmarks/ is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def save_tiny_model(tmp_path_factory):
     """`save(config_class, **fields) -> folder`: a random 2-layer, 32-wide causal LM of that
     family (seed 0) and the char-level tokenizer, saved to a fresh folder.

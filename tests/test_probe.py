@@ -105,17 +105,6 @@ def test_probe_command_reports_every_update_kind(probe_config, tiny_model_dir, t
     assert rows[("sgd", "all")]["tokens"] > 0
 
 
-def _probe_table():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent.parent / "benchmarks" / "probe_table.py"
-    spec = importlib.util.spec_from_file_location("probe_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _probe_json(path, loss: str, tokens: list[int], shift: float):
     """A `wapo probe --json` file: bins with `tokens` each (in BINS order), agreement 0.5 + shift per bin index."""
     bins = ("pos_peak", "pos_valley", "neg_peak", "neg_valley")
@@ -128,8 +117,8 @@ def _probe_json(path, loss: str, tokens: list[int], shift: float):
     return path
 
 
-def test_the_probe_tables_print_shares_and_refuse_probes_of_other_batches(tmp_path):
-    table = _probe_table()
+def test_the_probe_tables_print_shares_and_refuse_probes_of_other_batches(tmp_path, benchmark_script):
+    table = benchmark_script("probe_table")
     grpo = table.load(_probe_json(tmp_path / "g.json", "grpo", [20, 10, 40, 30], 0.1))
     wapo = table.load(_probe_json(tmp_path / "w.json", "wapo", [20, 10, 40, 30], 0.05))
     lines = table.agreement_table(grpo[1])

@@ -280,19 +280,8 @@ def test_threads_split_settings_only_when_they_are_a_study_axis():
     assert setting_axes(runs, ["algorithm.loss", "model.threads", "run.seed"]) == ["algorithm.loss", "model.threads"]
 
 
-def _study_table():
-    """benchmarks/study_table.py as a module."""
-    import importlib.util
-
-    path = Path(__file__).parent.parent / "benchmarks" / "study_table.py"
-    spec = importlib.util.spec_from_file_location("study_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_readme_table_script_prints_the_summarys_numbers(study_dir):
-    axes, rows = _study_table().rows_of("S", study_dir)
+def test_the_readme_table_script_prints_the_summarys_numbers(study_dir, benchmark_script):
+    axes, rows = benchmark_script("study_table").rows_of("S", study_dir)
     assert axes == ["loss"]
     # the numbers of test_the_summary_holds_the_hand_computed_numbers and of the paired comparison
     assert rows == [
@@ -301,7 +290,7 @@ def test_the_readme_table_script_prints_the_summarys_numbers(study_dir):
          "2.00 → 1.40 ± 0.28", "-0.20 ± 2.54", "1/2", "2/3 (diverged entropy)"]]
 
 
-def test_the_readme_table_shows_a_spread_start_and_seeds_it_could_not_pair(tmp_path):
+def test_the_readme_table_shows_a_spread_start_and_seeds_it_could_not_pair(tmp_path, benchmark_script):
     # wapo starts at 0.5 and 0.6 (seeds that differ in the held-out start: its spread is shown) and ends 0.2 up;
     # both grpo seeds diverged (no final): no difference to show, and the two seeds it could not pair are said
     for seed, before in enumerate((0.5, 0.6)):
@@ -310,7 +299,7 @@ def test_the_readme_table_shows_a_spread_start_and_seeds_it_could_not_pair(tmp_p
         _run(tmp_path, "grpo", seed, [0.3] * 3, [2.0, None, None], [(0, "before", before)], skipped_step=[0, 1, 1])
     (tmp_path / "study.toml").write_text('[axes]\n"algorithm.loss" = ["wapo", "grpo"]\n"run.seed" = [0, 1]\n')
     write_report(tmp_path)
-    _, rows = _study_table().rows_of("T", tmp_path)
+    _, rows = benchmark_script("study_table").rows_of("T", tmp_path)
     # 0.55 ± sqrt(2 · 0.05² / 1) = 0.0707 for every mean here
     assert rows == [
         ["T", "", "wapo", "2", "0.550 ± 0.071 → 0.750 ± 0.071 → 0.750 ± 0.071", "—", "2.00 → 1.60 ± 0.00", "—", "0/2", "0/2"],
@@ -318,12 +307,8 @@ def test_the_readme_table_shows_a_spread_start_and_seeds_it_could_not_pair(tmp_p
          "2/2 (diverged)"]]
 
 
-def test_tool_use_counts_each_steps_searches_and_leaves_out_what_it_cannot_know(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tool_use", Path(__file__).parent.parent / "benchmarks" / "tool_use.py")
-    tool_use = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool_use)
+def test_tool_use_counts_each_steps_searches_and_leaves_out_what_it_cannot_know(tmp_path, benchmark_script):
+    tool_use = benchmark_script("tool_use")
     # the counter since the process started: 300 after step 1 (an evaluation's searches in it), +64, +32;
     # a resume counts from 0 again (40: not this step's alone), then +16; one step without the counter
     counts = [300, 364, 396, 40, 56, None]
