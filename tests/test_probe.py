@@ -105,15 +105,17 @@ def test_probe_command_reports_every_update_kind(probe_config, tiny_model_dir, t
     assert rows[("sgd", "all")]["tokens"] > 0
 
 
-def _probe_json(path, loss: str, tokens: list[int], shift: float):
-    """A `wapo probe --json` file: bins with `tokens` each (in BINS order), agreement 0.5 + shift per bin index."""
-    bins = ("pos_peak", "pos_valley", "neg_peak", "neg_valley")
-    rows = [{"update": u, "bin": b, "tokens": n, "dlogp_agree": 0.5 + shift * k, "dentropy_agree": 0.25,
-             "mean_dlogp": -0.01 * (k + 1), "mean_dentropy": shift - 0.1}
-            for u in ("logits", "sgd", "adamw") for k, (b, n) in enumerate(zip(bins, tokens))]
-    rows += [{"update": u, "bin": "all", "tokens": sum(tokens), "dlogp_agree": 0.5, "dentropy_agree": 0.25,
-              "mean_dlogp": 0.0, "mean_dentropy": shift} for u in ("logits", "sgd", "adamw")]
-    path.write_text(json.dumps({"model": "m", "env": "arithmetic", "loss": loss, "batches": 5, "rows": rows}))
+def _probe_json(path, loss: str, tokens: list[int], shift: float, lr: float = 2e-5):
+    """A `wapo probe --json` file. Bin k (pos peak, pos valley, neg peak, neg valley, all) holds tokens[k]
+    tokens (all: their sum); under update j (logits, sgd, adamw) Δ log p agrees for 0.5 + shift·k + 0.1·j
+    of them and ΔH for 0.25 + 0.1·j; mean Δ log p is −0.01·(k + 1) − j, mean ΔH shift − 0.1·j."""
+    bins = ("pos_peak", "pos_valley", "neg_peak", "neg_valley", "all")
+    rows = [{"update": u, "bin": b, "tokens": n, "dlogp_agree": 0.5 + shift * k + 0.1 * j,
+             "dentropy_agree": 0.25 + 0.1 * j, "mean_dlogp": -0.01 * (k + 1) - j, "mean_dentropy": shift - 0.1 * j}
+            for j, u in enumerate(("logits", "sgd", "adamw"))
+            for k, (b, n) in enumerate(zip(bins, tokens + [sum(tokens)]))]
+    path.write_text(json.dumps({"model": "m", "env": "arithmetic", "loss": loss, "batches": 5, "logit_eta": 0.01,
+                                "sgd_lr": 0.1, "lr": lr, "rows": rows}))
     return path
 
 
@@ -122,12 +124,14 @@ def test_the_probe_tables_print_shares_and_refuse_probes_of_other_batches(tmp_pa
     grpo = table.load(_probe_json(tmp_path / "g.json", "grpo", [20, 10, 40, 30], 0.1))
     wapo = table.load(_probe_json(tmp_path / "w.json", "wapo", [20, 10, 40, 30], 0.05))
     lines = table.agreement_table(grpo[1])
-    # pos valley: 10 of 100 tokens; Δ log p agreement 0.5 + 0.1 · 1 = 60% under each update, ΔH 25%
-    assert lines[3] == "| pos valley (10%) | 60% | 60% | 60% | 25% | 25% | 25% |"
+    # pos valley (k = 1): 10 of 100 tokens; Δ log p agreement 0.5 + 0.1 · 1 + 0.1 · j = 60%, 70%, 80% under
+    # logits, SGD, AdamW; ΔH 25%, 35%, 45%
+    assert lines[3] == "| pos valley (10%) | 60% | 70% | 80% | 25% | 35% | 45% |"
     lines = table.change_table(grpo, wapo)
-    # neg peak (index 2): Δ log p −0.03 on both sides, ΔH 0.1 − 0.1 = 0 vs 0.05 − 0.1 = −0.05
-    assert lines[4] == "| neg peak | 40 | -0.030 / -0.030 | +0.000 / -0.050 | -0.030 / -0.030 | +0.000 / -0.050 |"
-    assert lines[6] == "| all | 100 | +0.000 / +0.000 | +0.100 / +0.050 | +0.000 / +0.000 | +0.100 / +0.050 |"
+    # neg peak (k = 2): Δ log p −0.03 − 1 (SGD) and −0.03 − 2 (AdamW) on both sides; ΔH under SGD
+    # 0.1 − 0.1 = 0 against 0.05 − 0.1 = −0.05, under AdamW 0.1 − 0.2 = −0.1 against 0.05 − 0.2 = −0.15
+    assert lines[4] == "| neg peak | 40 | -1.030 / -1.030 | +0.000 / -0.050 | -2.030 / -2.030 | -0.100 / -0.150 |"
+    assert lines[6] == "| all | 100 | -1.050 / -1.050 | +0.000 / -0.050 | -2.050 / -2.050 | -0.100 / -0.150 |"
     other = table.load(_probe_json(tmp_path / "o.json", "wapo", [21, 10, 39, 30], 0.05))
     with pytest.raises(SystemExit, match="different batches"):
         table.change_table(grpo, other)
