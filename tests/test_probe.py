@@ -135,3 +135,25 @@ def test_the_probe_tables_print_shares_and_refuse_probes_of_other_batches(tmp_pa
     other = table.load(_probe_json(tmp_path / "o.json", "wapo", [21, 10, 39, 30], 0.05))
     with pytest.raises(SystemExit, match="different batches"):
         table.change_table(grpo, other)
+
+
+def test_the_probe_tables_refuse_other_step_sizes_and_show_what_rounding_would_hide(tmp_path, benchmark_script):
+    table = benchmark_script("probe_table")
+    grpo = table.load(_probe_json(tmp_path / "g.json", "grpo", [20, 10, 40, 30], 0.1))
+    # the same tokens under another AdamW rate: the mean changes would compare step sizes, not objectives
+    other_lr = table.load(_probe_json(tmp_path / "w.json", "wapo", [20, 10, 40, 30], 0.05, lr=1e-4))
+    with pytest.raises(SystemExit, match="differ in lr"):
+        table.change_table(grpo, other_lr)
+    _, rows = grpo
+    # 1 − 1/1671 = 99.94%: "100%" would read as every token; an exact 1 stays "100%", a bin without a token "—"
+    rows[("logits", "pos_peak")].update(dlogp_agree=1.0, dentropy_agree=1 - 1 / 1671)
+    rows[("sgd", "neg_peak")].update(dlogp_agree=0.0004, dentropy_agree=0.0)
+    rows[("adamw", "pos_valley")].update(tokens=0, dlogp_agree=None, dentropy_agree=None,
+                                         mean_dlogp=None, mean_dentropy=None)
+    lines = table.agreement_table(rows)
+    # pos peak (k = 0): Δ log p 1.0, 0.6, 0.7; ΔH 99.94%, 35%, 45%
+    assert lines[2] == "| pos peak (20%) | 100% | 60% | 70% | 99.9% | 35% | 45% |"
+    assert lines[3] == "| pos valley (10%) | 60% | 70% | — | 25% | 35% | — |"
+    # neg peak (k = 2): Δ log p 0.7, 0.04%, 0.9; ΔH 25%, 0, 45%
+    assert lines[4] == "| neg peak (40%) | 70% | 0.0% | 90% | 25% | 0% | 45% |"
+    assert table.change_table(grpo, grpo)[3] == "| pos valley | 10 | -1.020 / -1.020 | +0.000 / +0.000 | — / — | — / — |"
