@@ -8,7 +8,9 @@ reward, the searches per training episode and the share of episodes that hit the
 counts since the process started, held-out evaluations included (docs/metrics.md): a step's
 searches are its counter minus the step before's. The first step of a process (the run's
 first, or the first after a resume) also counts the evaluation before it, so it is shown as
-"·". Episodes per step: `prompts_per_step × samples_per_prompt` of the run's config.toml.
+"·". metrics.jsonl keeps no mark of a resume: one is seen where the counter went down, which
+a resume soon after the run's first step (a short count before it) may not do.
+Episodes per step: `prompts_per_step × samples_per_prompt` of the run's config.toml.
 """
 
 from __future__ import annotations
