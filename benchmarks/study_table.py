@@ -8,10 +8,9 @@ held-out greedy accuracy before → peak → final (mean ± std over seeds; the 
 when every seed has it), the final's paired difference with WAPO in the same setting (95% t
 interval; in brackets the seeds paired, and those without a final evaluation), the policy's
 entropy at the first step (mean over seeds) and at the last (mean ± std), the last one's paired
-difference with WAPO's, the seeds that ended below
-their start, and the collapses flagged online. The cells are `wapo report`'s own
-(`wapo.report.mean_std_text`, `difference_text`); the summary has the rest (pass@k, times, the
-run folders).
+difference with WAPO's, the seeds that ended below their start, and the collapses flagged
+online. The cells are `wapo report`'s own (`wapo.report.mean_std_text`, `difference_text`); the
+summary has the rest (pass@k, times, the run folders).
 """
 
 from __future__ import annotations

@@ -306,7 +306,8 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
 
 
 def _first_entropy(run: Run) -> float:
-    """The entropy a run logged first: its starting policy's on its first batch (NaN if it logged none)."""
+    """The entropy a run logged first: its starting policy's (a step that logs none updates nothing) on the
+    first batch it described; NaN if it logged none."""
     return next((h for h in (_number(r.get("entropy")) for r in run.metrics) if not math.isnan(h)), math.nan)
 
 
