@@ -100,7 +100,9 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert grpo["runs"] == "runs/loss=grpo,seed=0; runs/loss=grpo,seed=1; runs/loss=grpo,seed=2"
     md = (study_dir / "summary.md").read_text()
     assert "| wapo | 3 (3) | 0.500 ± 0.000 | 0.767 ± 0.115 | 0.733 ± 0.153 |" in md
-    assert "| 1.40 ± 0.28 | 1/2 | 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 | runs/loss=grpo,seed=0; " in md
+    # entropy, first step: every seed's 2.0 (the diverged one's too); last step: the finished seeds' 1.6 and 1.2
+    assert ("| 2.00 ± 0.00 | 1.40 ± 0.28 | 1/2 | 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 "
+            "| runs/loss=grpo,seed=0; ") in md
 
 
 def test_each_objective_is_compared_with_wapo_paired_by_seed(study_dir):
