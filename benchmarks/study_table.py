@@ -7,8 +7,8 @@ Each argument is `NAME=DIR` (or a bare DIR, named after it); DIR/summary.csv is 
 held-out greedy accuracy before → peak → final (mean ± std over seeds; the start as one number
 when every seed has it), the final's paired difference with WAPO in the same setting (95% t
 interval; in brackets the seeds paired, and those without a final evaluation), the policy's
-entropy at the first step (mean over seeds) and at the last (mean ± std), the last one's paired
-difference with WAPO's, the seeds that ended below their start, and the collapses flagged
+entropy at the first step (mean over seeds) and over the last third of the steps (mean ± std),
+the latter's paired difference with WAPO's, the seeds that ended below their start, and the collapses flagged
 online. The cells are `wapo report`'s own (`wapo.report.mean_std_text`, `difference_text`); the
 summary has the rest (pass@k, times, the run folders).
 """
@@ -52,11 +52,11 @@ def rows_of(name: str, folder: Path) -> tuple[list[str], list[list[str]]]:
         if row.get("reference") and row["loss"] != row["reference"]:
             without = f", {row['unpaired_seeds']} without a final" if row["unpaired_seeds"] != "0" else ""
             vs = f"{difference_text(row, 'greedy_final_minus_reference', 3)} ({row['paired_seeds']}{without})"
-            entropy_vs = difference_text(row, "entropy_last_minus_reference", 2)
+            entropy_vs = difference_text(row, "entropy_end_minus_reference", 2)
         kinds = f" ({row['collapse_kinds']})" if row["collapse_kinds"] else ""
         # the start as its mean alone: on the same seeds every objective starts from the same batch
         entropy = (f"{row['entropy_first_mean']:.2f} → " if not math.isnan(row["entropy_first_mean"]) else ""
-                   ) + mean_std_text(row, "entropy_last", 2)
+                   ) + mean_std_text(row, "entropy_end", 2)
         out.append([name, setting, row["loss"], row["seeds"], accuracy, vs, entropy, entropy_vs,
                     f"{row['final_below_before']}/{row['with_final']}", f"{row['collapses']}/{row['seeds']}{kinds}"])
     settings = list(dict.fromkeys(cells[1] for cells in out))  # by setting, then the objectives in the study's order
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("studies", nargs="+", metavar="NAME=DIR")
     args = parser.parse_args()
     print("| study | setting | objective | seeds | held-out greedy: before → peak → final | final − WAPO (seeds) "
-          "| entropy: first → last step | last − WAPO's | final < before | collapses |")
+          "| entropy: first step → last third | last third − WAPO's | final < before | collapses |")
     print("|---|---|---|---:|---|---|---|---|---:|---|")
     for item in args.studies:
         name, _, folder = item.rpartition("=")

@@ -85,10 +85,10 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert num(grpo, "greedy_final_mean") == pytest.approx(0.5) and num(grpo, "greedy_final_std") == pytest.approx(
         0.141421, abs=1e-5)
     # collapses: seed 1 stopped at step 2 (its first skipped step), seed 2 flagged at step 3 -> 2.5 ± 0.7071
-    # entropy of the last step: wapo 1.6 ×3; grpo 1.6, 1.2 (seed 1 diverged, unfinished: left out)
+    # entropy of the last third (3 steps: the last step): wapo 1.6 ×3; grpo 1.6, 1.2 (seed 1 diverged, unfinished: left out)
     # -> 1.4 ± sqrt(2 · 0.2² / 1) = 0.28284
-    assert (num(wapo, "entropy_last_mean"), num(wapo, "entropy_last_std")) == pytest.approx((1.6, 0.0))
-    assert (num(grpo, "entropy_last_mean"), num(grpo, "entropy_last_std")) == pytest.approx((1.4, 0.28284), abs=1e-5)
+    assert (num(wapo, "entropy_end_mean"), num(wapo, "entropy_end_std")) == pytest.approx((1.6, 0.0))
+    assert (num(grpo, "entropy_end_mean"), num(grpo, "entropy_end_std")) == pytest.approx((1.4, 0.28284), abs=1e-5)
     # final below before (0.5): none of wapo's; grpo's seed 2 (0.4) of the 2 with a final (seed 1 diverged)
     assert (wapo["final_below_before"], wapo["with_final"]) == ("0", "3")
     assert (grpo["final_below_before"], grpo["with_final"]) == ("1", "2")
@@ -100,7 +100,7 @@ def test_the_summary_holds_the_hand_computed_numbers(study_dir):
     assert grpo["runs"] == "runs/loss=grpo,seed=0; runs/loss=grpo,seed=1; runs/loss=grpo,seed=2"
     md = (study_dir / "summary.md").read_text()
     assert "| wapo | 3 (3) | 0.500 ± 0.000 | 0.767 ± 0.115 | 0.733 ± 0.153 |" in md
-    # entropy, first step: every seed's 2.0 (the diverged one's too); last step: the finished seeds' 1.6 and 1.2
+    # entropy, first step: every seed's 2.0 (the diverged one's too); last third (the last of 3 steps): the finished seeds' 1.6 and 1.2
     assert ("| 2.00 ± 0.00 | 1.40 ± 0.28 | 1/2 | 2/3 (diverged entropy) | 2.5 ± 0.7 | 3.0 ± 0.0 "
             "| runs/loss=grpo,seed=0; ") in md
 
@@ -115,10 +115,10 @@ def test_each_objective_is_compared_with_wapo_paired_by_seed(study_dir):
     assert (grpo["reference"], grpo["paired_seeds"]) == ("wapo", "2")
     assert float(grpo["greedy_final_minus_reference_mean"]) == pytest.approx(-0.3)
     assert float(grpo["greedy_final_minus_reference_ci95"]) == pytest.approx(2.5412, abs=1e-4)
-    # the last step's entropy over the same seeds: 1.6 − 1.6 = 0, 1.2 − 1.6 = −0.4
+    # the last third's entropy (the last of 3 steps) over the same seeds: 1.6 − 1.6 = 0, 1.2 − 1.6 = −0.4
     # -> −0.2 ± 12.706 · 0.28284 / sqrt(2)
-    assert float(grpo["entropy_last_minus_reference_mean"]) == pytest.approx(-0.2)
-    assert float(grpo["entropy_last_minus_reference_ci95"]) == pytest.approx(2.5412, abs=1e-4)
+    assert float(grpo["entropy_end_minus_reference_mean"]) == pytest.approx(-0.2)
+    assert float(grpo["entropy_end_minus_reference_ci95"]) == pytest.approx(2.5412, abs=1e-4)
     assert (wapo["paired_seeds"], float(wapo["greedy_final_minus_reference_mean"])) == ("3", 0.0)
     md = (study_dir / "summary.md").read_text()
     assert "| grpo | 2 (1 without a final) | -0.300 ± 2.541 | -0.20 ± 2.54 | 2/3 | 0/3 |" in md  # seed 1 diverged
@@ -146,11 +146,32 @@ def test_the_last_steps_entropy_is_the_one_a_finished_run_logged_last(tmp_path):
     assert float(dapo["entropy_first_std"]) == pytest.approx(0.15275, abs=1e-5)
     assert float(wapo["entropy_first_mean"]) == pytest.approx(1.9)
     # (1.6 + 1.4) / 2 = 1.5 ± sqrt(2 · 0.1² / 1) = 0.141421
-    assert float(dapo["entropy_last_mean"]) == pytest.approx(1.5)
-    assert float(dapo["entropy_last_std"]) == pytest.approx(0.141421, abs=1e-6)
+    assert float(dapo["entropy_end_mean"]) == pytest.approx(1.5)
+    assert float(dapo["entropy_end_std"]) == pytest.approx(0.141421, abs=1e-6)
     # against wapo (1.7 on both seeds): 1.6 − 1.7 = −0.1, 1.4 − 1.7 = −0.3 -> −0.2 ± 12.706 · 0.141421 / sqrt(2)
-    assert float(dapo["entropy_last_minus_reference_mean"]) == pytest.approx(-0.2)
-    assert float(dapo["entropy_last_minus_reference_ci95"]) == pytest.approx(1.2706, abs=1e-4)
+    assert float(dapo["entropy_end_minus_reference_mean"]) == pytest.approx(-0.2)
+    assert float(dapo["entropy_end_minus_reference_ci95"]) == pytest.approx(1.2706, abs=1e-4)
+
+
+def test_the_end_entropy_is_the_mean_over_the_last_third_of_the_steps(tmp_path):
+    # 6 steps: the last ⌈6/3⌉ = 2 rows. wapo seed 0: (1.0 + 0.6) / 2 = 0.8; seed 1: its last step logged none,
+    # so 1.2 alone; grpo seed 0: (0.4 + 0.2) / 2 = 0.3; seed 1: no entropy in the window, the 0.9 before it
+    evals = [(0, "before", 0.5), (6, "after", 0.6)]
+    up = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    _run(tmp_path, "wapo", 0, up, [2.0, 1.8, 1.6, 1.4, 1.0, 0.6], evals)
+    _run(tmp_path, "wapo", 1, up, [2.0, 1.8, 1.6, 1.4, 1.2, None], evals)
+    _run(tmp_path, "grpo", 0, up, [2.0, 1.8, 1.6, 1.4, 0.4, 0.2], evals)
+    _run(tmp_path, "grpo", 1, up, [2.0, 1.8, 1.6, 0.9, None, None], evals)
+    write_report(tmp_path)
+    with (tmp_path / "summary.csv").open() as f:
+        rows = {r["loss"]: r for r in csv.DictReader(f)}
+    # wapo 0.8, 1.2 -> 1.0 ± sqrt(2 · 0.2² / 1) = 0.28284; grpo 0.3, 0.9 -> 0.6
+    assert float(rows["wapo"]["entropy_end_mean"]) == pytest.approx(1.0)
+    assert float(rows["wapo"]["entropy_end_std"]) == pytest.approx(0.28284, abs=1e-5)
+    assert float(rows["grpo"]["entropy_end_mean"]) == pytest.approx(0.6)
+    # paired: 0.3 − 0.8 = −0.5, 0.9 − 1.2 = −0.3 -> −0.4 ± 12.706 · 0.141421 / sqrt(2) = 1.2706
+    assert float(rows["grpo"]["entropy_end_minus_reference_mean"]) == pytest.approx(-0.4)
+    assert float(rows["grpo"]["entropy_end_minus_reference_ci95"]) == pytest.approx(1.2706, abs=1e-4)
 
 
 def test_variants_are_a_column_and_hide_the_keys_they_set(tmp_path):

@@ -11,12 +11,13 @@ The axes shown are the config keys that differ between runs, plus those of D/stu
   fractions, gradient norm, repetition; a red × marks each step a collapse flag is up;
 - one table row: held-out greedy accuracy and pass@k before training / at their peak over all
   evaluations / after training (mean ± std over seeds, n − 1 denominator), the entropy logged
-  first by each run and last by each finished run (mean ± std over seeds), the seeds whose final
+  first by each run and over the last third of the steps by each finished run (mean ± std over
+  seeds), the seeds whose final
   greedy accuracy is below their accuracy before training, collapses (seeds
   with a `collapsed` step or a run the trainer stopped for non-finite steps), steps to the first
   collapse, seconds per step (sampling + update), and the run folders the numbers come from;
 - against the reference objective (WAPO where the study has it, else the first): the final
-  greedy accuracy's and the last step's entropy's differences, paired by seed, with 95% t
+  greedy accuracy's and the last third's entropy's differences, paired by seed, with 95% t
   intervals, and both collapse counts.
 
 Collapse flags are read from metrics.jsonl (`wapo.collapse`); a run logged without them is
@@ -228,7 +229,7 @@ def summarize(values: dict, runs: list[Run], out_dir: Path) -> dict[str, Any]:
             stats = _mean_std([r.eval_value(key, which) for r in runs])
             row[f"{name}_{which}_mean"], row[f"{name}_{which}_std"] = stats
     row["entropy_first_mean"], row["entropy_first_std"] = _mean_std([_first_entropy(r) for r in runs])
-    row["entropy_last_mean"], row["entropy_last_std"] = _mean_std([_last_entropy(r) for r in runs])
+    row["entropy_end_mean"], row["entropy_end_std"] = _mean_std([_end_entropy(r) for r in runs])
     # a plainer sign of an update gone wrong than the flags: the seeds that end below where they began
     ends = [(r.eval_value(EVALS["greedy"], "before"), r.eval_value(EVALS["greedy"], "final")) for r in runs]
     row["final_below_before"] = sum(1 for before, final in ends if final < before)  # NaN compares False
@@ -273,7 +274,7 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
     has it, else the first objective) in the setting that differs only in the loss, paired by seed
     over the seeds both have a final evaluation for: `reference`, `paired_seeds`,
     `greedy_final_minus_reference_mean` and `..._ci95` (95% t interval half-width); the same for
-    the entropy of the last step over those seeds (`entropy_last_minus_reference_*`). The reference."""
+    the entropy of the last third of the steps over those seeds (`entropy_end_minus_reference_*`). The reference."""
     losses = [values.get("algorithm.loss") for values, _ in settings]
     if len(set(losses)) < 2:
         return None
@@ -288,7 +289,7 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
     for values, runs in settings:
         key = keys(values)[0]
         finals[key] = {r.seed: r.eval_value(EVALS["greedy"], "final") for r in runs}
-        entropies[key] = {r.seed: _last_entropy(r) for r in runs}
+        entropies[key] = {r.seed: _end_entropy(r) for r in runs}
     for (values, _), row in zip(settings, rows):
         key, ref_key = keys(values)
         mine, ref = finals[key], finals.get(ref_key, {})
@@ -300,7 +301,7 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
                    greedy_final_minus_reference_mean=mean, greedy_final_minus_reference_ci95=half)
         h, h_ref = entropies[key], entropies.get(ref_key, {})
         diffs = [h[s] - h_ref[s] for s in seeds if not (math.isnan(h[s]) or math.isnan(h_ref[s]))]
-        row["entropy_last_minus_reference_mean"], row["entropy_last_minus_reference_ci95"] = (
+        row["entropy_end_minus_reference_mean"], row["entropy_end_minus_reference_ci95"] = (
             paired_interval(diffs) if diffs else (math.nan, math.nan))
     return reference
 
@@ -311,16 +312,21 @@ def _first_entropy(run: Run) -> float:
     return next((h for h in (_number(r.get("entropy")) for r in run.metrics) if not math.isnan(h)), math.nan)
 
 
-def _last_entropy(run: Run) -> float:
-    """The entropy a finished run logged last; NaN for a run that did not finish (diverged, or not yet).
+def _end_entropy(run: Run) -> float:
+    """The entropy of a finished run's last third of steps: the mean over the last ⌈T/3⌉ metrics rows
+    (T its rows) of the entropy each logged; NaN for a run that did not finish (diverged, or not yet).
 
-    A step with no token to describe (dynamic sampling found no mixed group) logs none and updates
-    nothing, so the entropy logged before it is still the policy's; an unfinished run's last step
-    is not the study's last step."""
+    A window, not the last step alone: one step's batch is small, and its entropy is noisy. A step
+    with no token to describe (dynamic sampling found no mixed group) logs none and updates nothing:
+    it is left out of the mean, and where the whole window logged none, the entropy logged before it
+    (still the policy's) stands for it. An unfinished run's last steps are not the study's last steps."""
     if run.state != "finished":
         return math.nan
-    return next((h for h in (_number(r.get("entropy")) for r in reversed(run.metrics)) if not math.isnan(h)),
-                math.nan)
+    entropies = [_number(r.get("entropy")) for r in run.metrics]
+    window = [h for h in entropies[len(entropies) - math.ceil(len(entropies) / 3):] if not math.isnan(h)]
+    if window:
+        return sum(window) / len(window)
+    return next((h for h in reversed(entropies) if not math.isnan(h)), math.nan)
 
 
 def _label(key: str, values: dict) -> str:
@@ -376,14 +382,14 @@ def mean_std_text(row: dict, name: str, digits: int = 3) -> str:
 def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the summary table (shared by Markdown and HTML); `labels`: the axes'."""
     header = labels + ["seeds (finished)"] + [f"{m} {w}" for m in EVALS for w in WHEN]
-    header += ["entropy, first step", "entropy, last step", "greedy final < before", "collapses",
+    header += ["entropy, first step", "entropy, last third", "greedy final < before", "collapses",
                "steps to collapse", "s / step", "runs"]
     body = []
     for row in rows:
         cells = [str(row[a]) for a in labels] + [f"{row['seeds']} ({row['finished']})"]
         cells += [mean_std_text(row, f"{m}_{w}") for m in EVALS for w in WHEN]
         kinds = f" ({row['collapse_kinds']})" if row["collapse_kinds"] else ""
-        cells += [mean_std_text(row, "entropy_first", 2), mean_std_text(row, "entropy_last", 2),
+        cells += [mean_std_text(row, "entropy_first", 2), mean_std_text(row, "entropy_end", 2),
                   f"{row['final_below_before']}/{row['with_final']}",
                   f"{row['collapses']}/{row['seeds']}{kinds}",
                   mean_std_text(row, "steps_to_collapse", 1),
@@ -393,7 +399,7 @@ def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[st
 
 
 def _reference_note(reference: str) -> str:
-    return (f"Final greedy accuracy and the entropy of the last step against {reference}, paired by seed: this "
+    return (f"Final greedy accuracy and the entropy of the last third of the steps against {reference}, paired by seed: this "
             f"objective's minus {reference}'s over the seeds both have a final evaluation for, mean ± the half-width "
             f"of its 95% t interval. A run "
             f"the trainer stopped for non-finite steps (diverged), or one not finished yet, has no final "
@@ -402,7 +408,7 @@ def _reference_note(reference: str) -> str:
 
 def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the comparison with the reference objective (rows of the other objectives)."""
-    header = labels + ["paired seeds", f"greedy final − {reference}", f"entropy, last step − {reference}",
+    header = labels + ["paired seeds", f"greedy final − {reference}", f"entropy, last third − {reference}",
                        "collapses", f"{reference} collapses"]
     loss = labels[0]  # setting_axes puts algorithm.loss first
     key = lambda row: json.dumps({a: row[a] for a in labels[1:]}, sort_keys=True, default=str)  # noqa: E731
@@ -412,7 +418,7 @@ def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tup
         if row[loss] == reference:
             continue
         diff, entropy = (difference_text(row, f"{name}_minus_reference", digits)
-                         for name, digits in (("greedy_final", 3), ("entropy_last", 2)))
+                         for name, digits in (("greedy_final", 3), ("entropy_end", 2)))
         other = ref.get(key(row))
         paired = str(row["paired_seeds"]) + (f" ({row['unpaired_seeds']} without a final)" if row["unpaired_seeds"]
                                              else "")
@@ -454,8 +460,8 @@ def _html(out_dir: Path, description: str, labels: list[str], settings: list[tup
              f"/runs</code>; written {datetime.now():%Y-%m-%d %H:%M}. Mean ± standard deviation over seeds (n − 1); "
              "peak = best of all held-out evaluations of a run; final = after training; a collapse is a seed with "
              "a <code>collapsed</code> step (docs/metrics.md) or stopped for non-finite steps; entropy, first step = "
-             "the entropy each run logged first (its starting policy's); entropy, last step = "
-             "the entropy each finished run logged last; greedy final &lt; before = the seeds that ended below their "
+             "the entropy each run logged first (its starting policy's); entropy, last third = "
+             "each finished run's mean entropy over the last third of its steps; greedy final &lt; before = the seeds that ended below their "
              "start, of those with both evaluations.</p>",
              "<h2>Summary</h2>", table,
              "<h2>Settings side by side</h2><p>Mean over seeds, band ± one standard deviation.</p>",
