@@ -44,7 +44,7 @@ def rows_of(name: str, folder: Path) -> tuple[list[str], list[list[str]]]:
     for row in rows:
         setting = ", ".join(f"{a} {row[a]}" for a in axes[1:])
         # one number where every seed starts from the same accuracy (same model, same held-out set)
-        before = (f"{row['greedy_before_mean']:.3f}" if row["greedy_before_std"] == 0
+        before = (f"{row['greedy_before_mean']:.3f}" if round(row["greedy_before_std"], 3) == 0
                   else mean_std_text(row, "greedy_before"))
         accuracy = (f"{before} → {mean_std_text(row, 'greedy_peak')} → {mean_std_text(row, 'greedy_final')}"
                     if not math.isnan(row["greedy_peak_mean"]) else "—")  # no peak: never evaluated

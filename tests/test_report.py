@@ -340,3 +340,12 @@ def test_tool_use_counts_each_steps_searches_and_leaves_out_what_it_cannot_know(
     run = _run(tmp_path, "wapo", 0, [0.25, 0.5, 0.0], [1.0, 1.0, 1.0], [], env_searches=[300, 364, 364])
     # the fixture's config: 8 prompts × 8 samples = 64 episodes a step; truncated_frac 0.0 every step
     assert tool_use.run_line(run) == "| loss=wapo,seed=0 | 0.25 0.50 0.00 | · 1.0 0.0 | 0.00 0.00 0.00 |"
+
+
+def test_the_readme_table_shows_one_start_where_the_spread_is_only_rounding(tmp_path, benchmark_script):
+    # 0.22 five times: its float mean is 0.22000000000000003, its std 3.1e-17, not 0: still one start
+    for seed in range(5):
+        _run(tmp_path, "wapo", seed, [0.3, 0.5, 0.7], [2.0, 1.8, 1.6], [(0, "before", 0.22), (3, "after", 0.3)])
+    write_report(tmp_path)
+    _, rows = benchmark_script("study_table").rows_of("T", tmp_path)
+    assert rows[0][4].startswith("0.220 → ")
