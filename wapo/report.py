@@ -399,11 +399,11 @@ def _table(labels: list[str], rows: list[dict]) -> tuple[list[str], list[list[st
 
 
 def _reference_note(reference: str) -> str:
-    return (f"Final greedy accuracy and the entropy of the last third of the steps against {reference}, paired by seed: this "
-            f"objective's minus {reference}'s over the seeds both have a final evaluation for, mean ± the half-width "
-            f"of its 95% t interval. A run "
-            f"the trainer stopped for non-finite steps (diverged), or one not finished yet, has no final "
-            f"evaluation: its seed is counted as \"without a final\", not paired.")
+    return (f"Final greedy accuracy and the entropy of the last third of the steps against {reference}, "
+            f"paired by seed: this objective's minus {reference}'s over the seeds both have a final evaluation "
+            f"for, mean ± the half-width of its 95% t interval. A run the trainer stopped for non-finite steps "
+            f"(diverged), or one not finished yet, has no final evaluation: its seed is counted as \"without a "
+            f"final\", not paired.")
 
 
 def _reference_table(labels: list[str], rows: list[dict], reference: str) -> tuple[list[str], list[list[str]]]:
