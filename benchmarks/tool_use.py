@@ -16,10 +16,10 @@ Episodes per step: `prompts_per_step × samples_per_prompt` of the run's config.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from wapo import config as cfg
+from wapo.runlog import read_metrics
 
 
 def searches_per_episode(metrics: list[dict], episodes: int) -> list[float | None]:
@@ -39,7 +39,7 @@ def run_line(run: Path) -> str:
     """One Markdown row of a run: its folder, then per step the reward, searches per episode and length-cap share."""
     config = cfg.from_dict(cfg.load_file(run / "config.toml"))
     episodes = config.sampling.prompts_per_step * config.sampling.samples_per_prompt
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = read_metrics(run)
     rewards = " ".join(f"{m['reward_mean']:.2f}" for m in metrics)
     searches = " ".join("·" if s is None else f"{s:.1f}" for s in searches_per_episode(metrics, episodes))
     capped = " ".join(f"{m.get('truncated_frac', float('nan')):.2f}" for m in metrics)
