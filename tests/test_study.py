@@ -72,6 +72,14 @@ progress = false
     ("[axes]\n\"run.output_dir\" = [\"a\", \"b\"]\n", "set by the study"),
     ("[base.run]\noutput_dir = \"x\"\n", "set by the study"),
     ("[base.optim]\nlr = -1.0\n", "--lr must be >= 0"),
+    # a table written as a value: said, not an AttributeError
+    ("axes = 3\n", r"\[axes\] must be a table"),
+    ("base = 3\n", r"\[base\] must be a table"),
+    ("study = 3\n", r"\[study\] must be a table"),
+    ("variants = [1]\n", r"\[variants\] must be a table"),
+    ("[base]\nrun = 3\n", r"section \[run\] must be a table"),
+    # a string is no boolean: "no" must not keep every checkpoint
+    ("[study]\nkeep_checkpoints = \"no\"\n", "keep_checkpoints must be true or false"),
 ])
 def test_bad_study_files_fail_before_any_work(tmp_path, text, message):
     with pytest.raises(cfg.ConfigError, match=message):
