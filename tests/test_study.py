@@ -299,7 +299,13 @@ def test_a_two_by_two_study_resumes_when_killed_and_skips_finished_cells_on_reru
     _rows(cells[2].dir / "metrics.jsonl", [{"step": 1, "reward_mean": 99.0}])
     assert cell_state(cells[2].config, cells[2].dir) == "started"
 
+    calls.clear()  # which steps the rerun trains: the partial cell only its step 2, from its checkpoint
+    monkeypatch.setattr(trainer_module.Trainer, "update", lambda self, batch: calls.append(
+        (self.run_dir.name, self.progress.step + 1)) or real_update(self, batch))
     assert compare(study, out) == 0
+    monkeypatch.undo()
+    assert calls == [(cells[1].name, 2), (cells[2].name, 1), (cells[2].name, 2), (cells[3].name, 1),
+                     (cells[3].name, 2)]
     assert [cell_state(c.config, c.dir) for c in cells] == ["finished"] * 4
     for c in cells:
         assert [r["step"] for r in _metrics(c.dir)] == [1, 2]
