@@ -487,3 +487,20 @@ def test_compare_loads_the_report_before_it_runs_a_cell(tmp_path, monkeypatch):
                         lambda todo, *rest: loaded.append("wapo.report" in sys.modules) or {})
     assert compare(_write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0]\n'), tmp_path / "D") == 0
     assert loaded == [True]
+
+
+def test_a_cell_that_fails_does_not_stop_the_others_and_the_study_exits_1(tmp_path, monkeypatch, no_training, capsys):
+    import wapo.study as study_module
+
+    ran = []
+
+    def run_cell(config, **kwargs):
+        ran.append(Path(config.run.output_dir).name)
+        if ran[-1] == "seed=0":
+            raise RuntimeError("broken cell")
+
+    monkeypatch.setattr(study_module, "run_cell", run_cell)
+    assert compare(_write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0, 1]\n'), tmp_path / "D") == 1
+    assert ran == ["seed=0", "seed=1"]
+    err = capsys.readouterr().err
+    assert "RuntimeError: broken cell" in err and "cell seed=0 failed: see the traceback above" in err
