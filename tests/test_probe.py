@@ -166,3 +166,10 @@ def test_each_update_starts_from_the_same_weights(probe_config):
     alone = probe(probe_config, batches=2, updates=("adamw",))
     assert [r for r in both if r["update"] == "adamw"] == alone
     assert any(r["mean_dlogp"] for r in alone)
+
+
+def test_the_adamw_update_takes_the_configured_rate_whatever_the_warmup(probe_config):
+    # the probe's AdamW step is at optim.lr, as it prints and records: a warm-up (whose first step would
+    # be at lr / 4 in training) does not shrink it
+    warm = cfg.from_dict({"optim": {"warmup_steps": 4}}, probe_config)
+    assert probe(warm, batches=1, updates=("adamw",)) == probe(probe_config, batches=1, updates=("adamw",))
