@@ -157,3 +157,19 @@ def test_the_probe_tables_refuse_other_step_sizes_and_show_what_rounding_would_h
     # neg peak (k = 2): Δ log p 0.7, 0.04%, 0.9; ΔH 25%, 0, 45%
     assert lines[4] == "| neg peak (40%) | 70% | 0.0% | 90% | 25% | 0% | 45% |"
     assert table.change_table(grpo, grpo)[3] == "| pos valley | 10 | -1.020 / -1.020 | +0.000 / +0.000 | — / — | — / — |"
+
+
+def test_each_update_starts_from_the_same_weights(probe_config):
+    # SGD first, then AdamW: the weights SGD moved are restored, so AdamW's changes are those of
+    # AdamW alone (the batches are the same: an update draws no random numbers)
+    both = probe(probe_config, batches=2, sgd_lr=0.5, updates=("sgd", "adamw"))
+    alone = probe(probe_config, batches=2, updates=("adamw",))
+    assert [r for r in both if r["update"] == "adamw"] == alone
+    assert any(r["mean_dlogp"] for r in alone)
+
+
+def test_the_adamw_update_takes_the_configured_rate_whatever_the_warmup(probe_config):
+    # the probe's AdamW step is at optim.lr, as it prints and records: a warm-up (whose first step would
+    # be at lr / 4 in training) does not shrink it
+    warm = cfg.from_dict({"optim": {"warmup_steps": 4}}, probe_config)
+    assert probe(warm, batches=1, updates=("adamw",)) == probe(probe_config, batches=1, updates=("adamw",))

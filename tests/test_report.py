@@ -233,6 +233,27 @@ def test_a_variant_that_sets_a_whole_table_hides_its_fields_and_a_repeated_seed_
         write_report(tmp_path)
 
 
+def test_a_whole_table_axis_shows_the_fields_inside_it(tmp_path):
+    # "algorithm.loss_options" = [{eps_high = 0.2}, {eps_high = 0.5}] (docs/study.md: a whole table is an axis
+    # too): the report shows eps_high, not a column of None for the table itself
+    up, h, evals = [0.3, 0.5, 0.7], [2.0, 1.8, 1.6], [(0, "before", 0.5), (3, "after", 0.6)]
+    for loss in ("wapo", "grpo"):
+        for eps in (0.2, 0.5):
+            d = _run(tmp_path, loss, 0, up, h, evals)
+            config = cfg.from_dict({"algorithm": {"loss": loss, "loss_options": {"eps_high": eps}}},
+                                   cfg.from_dict(cfg.load_file(d / "config.toml")))
+            (d / "config.toml").write_text(cfg.dump_toml(config))
+            d.rename(d.with_name(f"{d.name},eps={eps}"))
+    (tmp_path / "study.toml").write_text('[axes]\n"algorithm.loss" = ["wapo", "grpo"]\n"run.seed" = [0]\n'
+                                         '"algorithm.loss_options" = [{eps_high = 0.2}, {eps_high = 0.5}]\n')
+    write_report(tmp_path)
+    with (tmp_path / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:3] == ["loss", "eps_high", "seeds"]
+    assert [(r["loss"], r["eps_high"]) for r in rows] == [("wapo", "0.2"), ("wapo", "0.5"), ("grpo", "0.2"),
+                                                          ("grpo", "0.5")]
+
+
 def test_the_paired_interval_uses_students_t():
     from wapo.report import paired_interval, t95
 

@@ -72,6 +72,14 @@ progress = false
     ("[axes]\n\"run.output_dir\" = [\"a\", \"b\"]\n", "set by the study"),
     ("[base.run]\noutput_dir = \"x\"\n", "set by the study"),
     ("[base.optim]\nlr = -1.0\n", "--lr must be >= 0"),
+    # a table written as a value: said, not an AttributeError
+    ("axes = 3\n", r"\[axes\] must be a table"),
+    ("base = 3\n", r"\[base\] must be a table"),
+    ("study = 3\n", r"\[study\] must be a table"),
+    ("variants = [1]\n", r"\[variants\] must be a table"),
+    ("[base]\nrun = 3\n", r"section \[run\] must be a table"),
+    # a string is no boolean: "no" must not keep every checkpoint
+    ("[study]\nkeep_checkpoints = \"no\"\n", "keep_checkpoints must be true or false"),
 ])
 def test_bad_study_files_fail_before_any_work(tmp_path, text, message):
     with pytest.raises(cfg.ConfigError, match=message):
@@ -291,7 +299,13 @@ def test_a_two_by_two_study_resumes_when_killed_and_skips_finished_cells_on_reru
     _rows(cells[2].dir / "metrics.jsonl", [{"step": 1, "reward_mean": 99.0}])
     assert cell_state(cells[2].config, cells[2].dir) == "started"
 
+    calls.clear()  # which steps the rerun trains: the partial cell only its step 2, from its checkpoint
+    monkeypatch.setattr(trainer_module.Trainer, "update", lambda self, batch: calls.append(
+        (self.run_dir.name, self.progress.step + 1)) or real_update(self, batch))
     assert compare(study, out) == 0
+    monkeypatch.undo()
+    assert calls == [(cells[1].name, 2), (cells[2].name, 1), (cells[2].name, 2), (cells[3].name, 1),
+                     (cells[3].name, 2)]
     assert [cell_state(c.config, c.dir) for c in cells] == ["finished"] * 4
     for c in cells:
         assert [r["step"] for r in _metrics(c.dir)] == [1, 2]
@@ -473,3 +487,20 @@ def test_compare_loads_the_report_before_it_runs_a_cell(tmp_path, monkeypatch):
                         lambda todo, *rest: loaded.append("wapo.report" in sys.modules) or {})
     assert compare(_write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0]\n'), tmp_path / "D") == 0
     assert loaded == [True]
+
+
+def test_a_cell_that_fails_does_not_stop_the_others_and_the_study_exits_1(tmp_path, monkeypatch, no_training, capsys):
+    import wapo.study as study_module
+
+    ran = []
+
+    def run_cell(config, **kwargs):
+        ran.append(Path(config.run.output_dir).name)
+        if ran[-1] == "seed=0":
+            raise RuntimeError("broken cell")
+
+    monkeypatch.setattr(study_module, "run_cell", run_cell)
+    assert compare(_write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0, 1]\n'), tmp_path / "D") == 1
+    assert ran == ["seed=0", "seed=1"]
+    err = capsys.readouterr().err
+    assert "RuntimeError: broken cell" in err and "cell seed=0 failed: see the traceback above" in err

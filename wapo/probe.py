@@ -112,6 +112,8 @@ def probe(config: TrainConfig, *, batches: int = 5, logit_eta: float = 0.01, sgd
         trainer = build_trainer(dataclasses.replace(config, run=run))
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]
+        for group in trainer.optimizer.param_groups:  # optim.lr itself, not the first step of a warm-up
+            group["lr"] = config.optim.lr
         adamw, adamw_state = trainer.optimizer, trainer.optimizer.state_dict()
         for _ in tqdm(range(batches), desc="probe", unit="batch", disable=not config.run.progress, dynamic_ncols=True):
             batch = _sample(trainer)

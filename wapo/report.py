@@ -346,7 +346,7 @@ def write_report(out_dir: str | Path) -> list[Path]:
     copies = [out_dir / f"study{suffix}" for suffix in (".toml", ".yaml", ".yml")]
     study = next((cfg.load_file(path) for path in copies if path.is_file()), {})
     variants = study.get("variants", {})
-    study_axes = {**study.get("axes", {}), **({VARIANT_AXIS: list(variants)} if variants else {})}
+    study_axes = _inner_axes({**study.get("axes", {}), **({VARIANT_AXIS: list(variants)} if variants else {})})
     axes = setting_axes(runs, list(study_axes), {k for v in variants.values() for k in v} - set(study_axes))
     settings = group_settings(runs, axes, study_axes)
     rows = [summarize(values, members, out_dir) for values, members in settings]
@@ -361,6 +361,21 @@ def write_report(out_dir: str | Path) -> list[Path]:
     paths[2].write_text(_html(out_dir, study.get("study", {}).get("description", ""), labels, settings, rows,
                               reference))
     return paths
+
+
+def _inner_axes(axes: dict[str, list]) -> dict[str, list]:
+    """The study's axes with each whole-table axis (`"algorithm.loss_options" = [{eps_high = 0.2}, ...]`)
+    replaced by the fields inside it (`algorithm.loss_options.eps_high` = [0.2, ...]), as runs' flat
+    configs (`_flat`) name them."""
+    out: dict[str, list] = {}
+    for key, values in axes.items():
+        if values and all(isinstance(v, dict) for v in values):
+            for name in dict.fromkeys(k for v in values for k in v):
+                inner = [v.get(name) for v in values]  # values may be tables or lists: no set
+                out[f"{key}.{name}"] = [x for i, x in enumerate(inner) if x not in inner[:i]]
+        else:
+            out[key] = values
+    return out
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -148,11 +148,18 @@ def load_study(path: str | Path) -> Study:
     if unknown:
         raise cfg.ConfigError(f"{path}: unknown table(s) {unknown}; a study file has [study], [base.*], [axes] "
                               f"and [variants]")
+    for table in ("study", "base", "axes", "variants"):
+        if not isinstance(data.get(table, {}), dict):
+            raise cfg.ConfigError(f"{path}: [{table}] must be a table (docs/study.md), got {data[table]!r}")
     meta = data.get("study", {})
     bad = sorted(set(meta) - {"keep_checkpoints", "description"})
     if bad:
         raise cfg.ConfigError(f"{path}: unknown key(s) {bad} in [study]; valid: description, keep_checkpoints")
+    if not isinstance(meta.get("keep_checkpoints", False), bool):
+        raise cfg.ConfigError(f"{path}: [study] keep_checkpoints must be true or false, got "
+                              f"{meta['keep_checkpoints']!r}")
     base = data.get("base", {})
+    cfg.from_dict(copy.deepcopy(base))  # the base alone must be a valid config
     if "output_dir" in base.get("run", {}):
         raise cfg.ConfigError(f"{path}: [base.run] output_dir is set by the study (D/runs/<cell>); remove it")
     axes = data.get("axes", {})
@@ -180,8 +187,7 @@ def load_study(path: str | Path) -> Study:
                 raise cfg.ConfigError(f"{path}: variant {name!r} sets {key!r}, which the axis {clash[0]!r} also sets")
             if key in ("run.output_dir", "run.export_final"):
                 raise cfg.ConfigError(f"{path}: variant {name!r}: {key!r} is set by the study")
-    cfg.from_dict(copy.deepcopy(base))  # the base alone must be a valid config
-    return Study(base, axes, keep_checkpoints=bool(meta.get("keep_checkpoints", False)),
+    return Study(base, axes, keep_checkpoints=meta.get("keep_checkpoints", False),
                  description=str(meta.get("description", "")), text=path.read_text(), variants=variants)
 
 
