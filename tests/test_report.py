@@ -370,3 +370,21 @@ def test_the_readme_table_shows_one_start_where_the_spread_is_only_rounding(tmp_
     write_report(tmp_path)
     _, rows = benchmark_script("study_table").rows_of("T", tmp_path)
     assert rows[0][4].startswith("0.220 → ")
+
+
+def test_length_cap_weighs_every_completion_once_and_names_fully_cut_steps(tmp_path, benchmark_script):
+    def run(name, steps):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "backward_rows": b, "skipped_rows": s, "truncated_frac": t}) + "\n"
+            for i, (b, s, t) in enumerate(steps)))
+        return tmp_path / name
+
+    a = run("a", [(40, 24, 0.5), (64, 0, 1.0)])  # 64 rows: 32 cut, then 64 cut
+    b = run("b", [(8, 24, 0.0)])  # 32 rows, none cut
+    rows, share, full = benchmark_script("length_cap").at_the_cap([a, b])
+    assert rows == 160 and share == pytest.approx(96 / 160)  # a plain mean of the steps would be 0.5
+    assert full == {"a": [2]}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no metrics.jsonl rows"):
+        benchmark_script("length_cap").at_the_cap([tmp_path / "empty"])

@@ -1,0 +1,48 @@
+"""How often completions hit the token budget, over every step of the given run folders.
+
+    python benchmarks/length_cap.py docs/results/math/runs/* \
+        $(ls -d docs/results/stress_search/runs/* | grep -v -e variant=base -e variant=lr1e-4)
+
+A step's rows are `backward_rows + skipped_rows` and its share at the cap `truncated_frac`
+(metrics.jsonl; docs/metrics.md), so the overall share weighs every completion once. Also
+lists the runs with a step where every completion was cut. (The stress search's `base` and
+`lr1e-4` cells are E2's seed-0 cells run again, number for number, hence left out above.)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from wapo.runlog import read_metrics
+
+
+def at_the_cap(runs: list[Path]) -> tuple[int, float, dict[str, list[int]]]:
+    """(completions, their share at the token budget, {run name: steps where every completion was cut})."""
+    rows = cut = 0.0
+    full = {}
+    for run in runs:
+        metrics = [m for m in read_metrics(run) if m.get("truncated_frac") is not None]
+        if not metrics:
+            raise SystemExit(f"{run}: no metrics.jsonl rows with truncated_frac; is it a run folder?")
+        for m in metrics:
+            n = m["backward_rows"] + m["skipped_rows"]
+            rows += n
+            cut += m["truncated_frac"] * n
+        steps = [m["step"] for m in metrics if m["truncated_frac"] == 1.0]
+        if steps:
+            full[run.name] = steps
+    return int(rows), cut / rows, full
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.jsonl)")
+    args = parser.parse_args()
+    rows, share, full = at_the_cap(args.runs)
+    print(f"{len(args.runs)} runs, {rows} completions, {share:.1%} at the token budget")
+    print("every completion cut in a step:",
+          "; ".join(f"{name} (steps {', '.join(map(str, steps))})" for name, steps in full.items()) or "none")
+
+if __name__ == "__main__":
+    main()
