@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -287,8 +288,12 @@ def test_the_page_is_self_contained(study_dir):
     assert len(re.findall(r'<img alt="plot" src="data:image/png;base64,', page)) == 3  # overview + 2 settings
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install chromium)")
 def test_the_report_renders_in_headless_chromium(study_dir, tmp_path):
+    if CHROMIUM is None:
+        # CI sets WAPO_REQUIRE_BROWSER once it has a browser, so a lookup that misses it fails there
+        if os.environ.get("WAPO_REQUIRE_BROWSER") == "1":
+            pytest.fail("WAPO_REQUIRE_BROWSER=1 but no chromium / chromium-browser found on PATH")
+        pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
     # a copy with a probe that records, once the page has loaded, how many images the browser decoded
     page = (study_dir / "report.html").read_text().replace("</body>", (
         "<script>window.addEventListener('load', () => { document.body.dataset.decoded = "
@@ -388,3 +393,16 @@ def test_length_cap_weighs_every_completion_once_and_names_fully_cut_steps(tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no metrics.jsonl rows"):
         benchmark_script("length_cap").at_the_cap([tmp_path / "empty"])
+
+
+def test_runs_never_evaluated_are_not_counted_as_missing_a_final(tmp_path):
+    # eval_size = 0: no eval.jsonl rows at all, so nothing to pair and nothing "without a final"
+    for loss in ("wapo", "grpo"):
+        for seed in (0, 1):
+            _run(tmp_path, loss, seed, [0.3] * 3, [2.0] * 3, [])
+    _run(tmp_path, "grpo", 2, [0.3] * 3, [2.0] * 3, [(0, "before", 0.5)])  # evaluated, but wapo has no seed 2
+    write_report(tmp_path)
+    with (tmp_path / "summary.csv").open() as f:
+        wapo, grpo = list(csv.DictReader(f))
+    assert (grpo["paired_seeds"], grpo["unpaired_seeds"]) == ("0", "0")
+    assert "| grpo | 0 | — | — | 0/3 | 0/2 |" in (tmp_path / "summary.md").read_text()
