@@ -504,3 +504,20 @@ def test_a_cell_that_fails_does_not_stop_the_others_and_the_study_exits_1(tmp_pa
     assert ran == ["seed=0", "seed=1"]
     err = capsys.readouterr().err
     assert "RuntimeError: broken cell" in err and "cell seed=0 failed: see the traceback above" in err
+
+
+def test_a_second_compare_in_the_same_folder_is_refused_until_the_first_ends(tmp_path, no_training):
+    import fcntl
+
+    study = _write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0, 1]\n')
+    (tmp_path / "D").mkdir()
+    with open(tmp_path / "D" / ".compare.lock", "w") as held:  # what a running compare holds
+        held.write("pid 4242")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(cfg.ConfigError, match=r"another `wapo compare` is running in .*D \(pid 4242\)"):
+            compare(study, tmp_path / "D")
+        assert no_training == {}  # refused before any cell ran
+    assert compare(study, tmp_path / "D") == 0  # released (as the OS does when that process ends)
+    assert sorted(no_training) == ["seed=0", "seed=1"]
+    assert (tmp_path / "D" / ".compare.lock").read_text() == f"pid {os.getpid()}"

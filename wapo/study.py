@@ -32,7 +32,9 @@ keeps its logs; its `checkpoints/` are deleted unless `[study] keep_checkpoints 
 (cells never export `hf/`: `run.export_final` is false). Cells run with the seed axis
 outermost, so a study cut short has every setting's first seeds. `--jobs N` runs N cells at
 once in subprocesses (`OMP_NUM_THREADS` set to each cell's `model.threads`); their output goes
-to `D/logs/<name>.log`. At the end `wapo.report` writes D/report.html and the summaries.
+to `D/logs/<name>.log`. At the end `wapo.report` writes D/report.html and the summaries. One
+`wapo compare` at a time runs in a folder: a second one on the same D is refused (a lock on
+`D/.compare.lock`, released when the first ends, however it ends).
 
 A cell's thread count is one of its settings: the matmul reduction order depends on it, and
 under bf16 that changes sampled tokens. Where the study leaves `model.threads` at 0 (auto), a
@@ -368,6 +370,36 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
         print_plan(cells, states, out_dir, jobs)
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _only_compare_in(out_dir):
+        return _run_study(study, study_file, cells, states, out_dir, jobs, write_report)
+
+
+@contextmanager
+def _only_compare_in(out_dir: Path):
+    """Hold `out_dir/.compare.lock` (an exclusive flock, freed by the OS when this process ends) or refuse:
+    two studies in one folder would run the same cells into the same run folders."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unguarded
+        yield
+        return
+    with open(out_dir / ".compare.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise cfg.ConfigError(f"another `wapo compare` is running in {out_dir} ({lock.read().strip() or 'pid ?'}): "
+                                  "wait for it to end, or stop it (it resumes)") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        yield
+
+
+def _run_study(study: Study, study_file: str | Path, cells: list[Cell], states: dict[str, str], out_dir: Path,
+               jobs: int, write_report) -> int:
+    """`compare`'s work once it holds the folder: run the unfinished cells, write the report; exit status."""
     (out_dir / f"study{Path(study_file).suffix}").write_text(study.text)  # what the report reads the axes from
     todo = [c for c in cells if states[c.name] not in DONE]
     for c in cells:
