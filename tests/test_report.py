@@ -195,6 +195,18 @@ def test_variants_are_a_column_and_hide_the_keys_they_set(tmp_path):
     assert [float(r["greedy_final_minus_reference_mean"]) for r in rows] == pytest.approx([0, 0, -0.2, -0.2])
     assert float(rows[2]["greedy_final_mean"]) == pytest.approx(0.4)
     assert "| grpo | hot | 2 | -0.200 ± 1.271 | +0.00 ± 0.00 | 0/2 | 0/2 |" in (tmp_path / "summary.md").read_text()
+    # the overview: one colour per objective, one line style per variant, so each pair of them is told apart
+    from matplotlib.colors import to_hex
+
+    from wapo.report import _overview_figure, group_settings, setting_axes
+
+    runs = load_runs(tmp_path)
+    settings = group_settings(runs, setting_axes(runs, ["algorithm.loss", "variant"]), {})
+    drawn = {tuple(re.search(r"loss=(\w+), variant=(\w+)", line.get_label()).groups()):
+             (to_hex(line.get_color()), line.get_linestyle()) for line in _overview_figure(settings).axes[0].lines}
+    assert len(drawn) == 4
+    assert drawn["wapo", "base"][0] == drawn["wapo", "hot"][0] != drawn["grpo", "base"][0] == drawn["grpo", "hot"][0]
+    assert drawn["wapo", "base"][1] == drawn["grpo", "base"][1] != drawn["wapo", "hot"][1] == drawn["grpo", "hot"][1]
 
 
 def test_runs_without_a_variant_keep_the_columns_that_tell_them_apart(tmp_path):
@@ -276,7 +288,7 @@ def test_runs_logged_without_flags_are_replayed_through_the_detector(tmp_path):
 def test_report_command_and_an_empty_folder(tmp_path, capsys):
     _run(tmp_path, "grpo", 0, [0.5, 0.7], [2.0, 1.0], [(0, "before", 0.5)])
     assert main(["report", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.split() == [str(tmp_path / n) for n in ("summary.csv", "summary.md", "report.html")]
+    assert capsys.readouterr().out.split() == [str(tmp_path / n) for n in ("summary.csv", "summary.md", "report.html", "overview.png")]
     assert "| grpo | 1 (0) | 0.500 | 0.500 | — |" in (tmp_path / "summary.md").read_text()  # one seed: no ±
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no run folder" in capsys.readouterr().err
@@ -286,6 +298,13 @@ def test_the_page_is_self_contained(study_dir):
     page = (study_dir / "report.html").read_text()
     assert "<script" not in page and not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
     assert len(re.findall(r'<img alt="plot" src="data:image/png;base64,', page)) == 3  # overview + 2 settings
+
+
+def test_the_overview_is_also_a_png_file_of_the_figures_size(study_dir):
+    png = (study_dir / "overview.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # IHDR's width and height (big-endian at bytes 16-24): the figure's 18 x 4 inches at 100 dpi
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1800, 400)
 
 
 def test_the_report_renders_in_headless_chromium(study_dir, tmp_path):

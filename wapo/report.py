@@ -344,7 +344,8 @@ def _label(key: str, values: dict) -> str:
 
 
 def write_report(out_dir: str | Path) -> list[Path]:
-    """D/report.html, D/summary.csv, D/summary.md from the runs under D/runs."""
+    """D/report.html, D/summary.csv, D/summary.md and D/overview.png (the settings side by side, as in
+    the page, for a README) from the runs under D/runs."""
     out_dir = Path(out_dir)
     runs = load_runs(out_dir)
     copies = [out_dir / f"study{suffix}" for suffix in (".toml", ".yaml", ".yml")]
@@ -356,14 +357,16 @@ def write_report(out_dir: str | Path) -> list[Path]:
     rows = [summarize(values, members, out_dir) for values, members in settings]
     reference = compare_to_reference(settings, rows)
     labels = [_label(k, settings[0][0]) for k in axes]
-    paths = [out_dir / "summary.csv", out_dir / "summary.md", out_dir / "report.html"]
+    paths = [out_dir / "summary.csv", out_dir / "summary.md", out_dir / "report.html", out_dir / "overview.png"]
     _write_csv(paths[0], rows)
     markdown = _markdown(*_table(labels, rows))
     if reference:
         markdown += f"\n\n{_reference_note(reference)}\n\n" + _markdown(*_reference_table(labels, rows, reference))
     paths[1].write_text(markdown + "\n")
+    overview = _overview_figure(settings)
+    overview.savefig(paths[3], format="png", dpi=100)
     paths[2].write_text(_html(out_dir, study.get("study", {}).get("description", ""), labels, settings, rows,
-                              reference))
+                              reference, overview))
     return paths
 
 
@@ -467,7 +470,7 @@ def _html_table(table_id: str, header: list[str], body: list[list[str]]) -> str:
 
 
 def _html(out_dir: Path, description: str, labels: list[str], settings: list[tuple[dict, list[Run]]],
-          rows: list[dict], reference: str | None = None) -> str:
+          rows: list[dict], reference: str | None, overview) -> str:
     esc = html.escape
     table = _html_table("summary", *_table(labels, rows))
     if reference:
@@ -484,7 +487,7 @@ def _html(out_dir: Path, description: str, labels: list[str], settings: list[tup
              "start, of those with both evaluations.</p>",
              "<h2>Summary</h2>", table,
              "<h2>Settings side by side</h2><p>Mean over seeds, band ± one standard deviation.</p>",
-             _img(_overview_figure(settings))]
+             _img(overview)]
     for (values, runs), row in zip(settings, rows):
         title = ", ".join(f"{_label(k, values)}={v}" for k, v in values.items())
         parts += [f"<h2>{esc(title)}</h2>",
@@ -568,15 +571,22 @@ def _setting_figure(title: str, runs: list[Run]):
 
 
 def _overview_figure(settings: list[tuple[dict, list[Run]]]):
-    """The overview's metrics, one mean line (and band) per setting: ten colours, then dashes, dots."""
+    """The overview's metrics, one mean line (and band) per setting: a colour per objective, a line style per
+    value of the other axes (solid, dashed, dotted, dash-dot; colours and styles cycle beyond ten and four)."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
+    def rest(values: dict) -> str:
+        return json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str)
+
+    losses = list(dict.fromkeys(str(values.get("algorithm.loss")) for values, _ in settings))
+    others = list(dict.fromkeys(rest(values) for values, _ in settings))
     fig, axes = plt.subplots(1, len(OVERVIEW), figsize=(18, 4), squeeze=False)
     for ax, key in zip(axes[0], OVERVIEW):
-        for i, (values, runs) in enumerate(settings):
+        for values, runs in settings:
             label = ", ".join(f"{_label(k, values)}={v}" for k, v in values.items())
-            _draw_mean(ax, runs, key, f"C{i % 10}", label, ("-", "--", ":")[i // 10 % 3])
+            _draw_mean(ax, runs, key, f"C{losses.index(str(values.get('algorithm.loss'))) % 10}", label,
+                       ("-", "--", ":", "-.")[others.index(rest(values)) % 4])
         ax.set_title(key.replace("eval:", "held-out "), fontsize=10)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
