@@ -7,11 +7,16 @@ A step's rows are `backward_rows + skipped_rows` and its share at the cap `trunc
 (metrics.jsonl; docs/metrics.md), so the overall share weighs every completion once. Also
 lists the runs with a step where every completion was cut. (The stress search's `base` and
 `lr1e-4` cells are E2's seed-0 cells run again, number for number, hence left out above.)
+With `--per-run`, a Markdown table first: each run's share at the cap and its mean completion
+length (tokens) at the first step and over the last third of its steps (the report's window):
+
+    python benchmarks/length_cap.py --per-run docs/results/math_hard/runs/*lr=0.0001*
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from wapo.runlog import read_metrics
@@ -35,10 +40,23 @@ def at_the_cap(runs: list[Path]) -> tuple[int, float, dict[str, list[int]]]:
     return int(rows), cut / rows, full
 
 
+def per_run_row(run: Path) -> str:
+    """`| run | share at the cap | length: first step → last third |` of one run folder."""
+    metrics = [m for m in read_metrics(run) if m.get("completion_len") is not None]
+    _, share, _ = at_the_cap([run])
+    last = metrics[-math.ceil(len(metrics) / 3):]
+    return (f"| {run.name} | {share:.1%} | {metrics[0]['completion_len']:.0f} → "
+            f"{sum(m['completion_len'] for m in last) / len(last):.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.jsonl)")
+    parser.add_argument("--per-run", action="store_true", help="first a table of each run's share and length")
     args = parser.parse_args()
+    if args.per_run:
+        print("| run | completions at the cap | mean length: first step → last third |\n|---|---:|---|")
+        print("\n".join(per_run_row(run) for run in args.runs) + "\n")
     rows, share, full = at_the_cap(args.runs)
     print(f"{len(args.runs)} runs, {rows} completions, {share:.1%} at the token budget")
     print("every completion cut in a step:",

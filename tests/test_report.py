@@ -409,6 +409,12 @@ def test_length_cap_weighs_every_completion_once_and_names_fully_cut_steps(tmp_p
     rows, share, full = benchmark_script("length_cap").at_the_cap([a, b])
     assert rows == 160 and share == pytest.approx(96 / 160)  # a plain mean of the steps would be 0.5
     assert full == {"a": [2]}
+    for name, lengths in (("a", [20.0, 30.0]), ("b", [10.0])):  # completion_len per step; last third: ⌈n/3⌉ steps
+        rows = [json.loads(line) | {"completion_len": n}
+                for line, n in zip((tmp_path / name / "metrics.jsonl").read_text().splitlines(), lengths)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert benchmark_script("length_cap").per_run_row(a) == "| a | 75.0% | 20 → 30 |"  # (32 + 64) / 128
+    assert benchmark_script("length_cap").per_run_row(b) == "| b | 0.0% | 10 → 10 |"
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no metrics.jsonl rows"):
         benchmark_script("length_cap").at_the_cap([tmp_path / "empty"])
