@@ -521,3 +521,37 @@ def test_a_second_compare_in_the_same_folder_is_refused_until_the_first_ends(tmp
     assert compare(study, tmp_path / "D") == 0  # released (as the OS does when that process ends)
     assert sorted(no_training) == ["seed=0", "seed=1"]
     assert (tmp_path / "D" / ".compare.lock").read_text() == f"pid {os.getpid()}"
+
+
+def test_the_folder_stays_locked_while_a_worker_the_first_compare_started_still_runs(tmp_path, monkeypatch):
+    # `--jobs 2`: workers run in their own sessions, so they outlive a compare killed hard (or stopped by a
+    # second Ctrl-C while they finish their step); until they end, a new compare would train the same cells
+    import wapo.report
+    import wapo.study as study_module
+
+    ran, sleepers, real_popen = [], [], subprocess.Popen
+    monkeypatch.setattr(study_module, "run_cell", lambda config, **k: ran.append(Path(config.run.output_dir).name))
+    monkeypatch.setattr(wapo.report, "write_report", lambda out_dir: [])
+
+    class Gone:  # what the compare sees: a worker that has ended ...
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    def popen(command, **kwargs):  # ... while the real one, started as compare starts it, goes on
+        sleepers.append(real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs))
+        return Gone()
+
+    study = _write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0]\n')
+    with monkeypatch.context() as patch:
+        patch.setattr(study_module.subprocess, "Popen", popen)
+        assert compare(study, tmp_path / "D", jobs=2) == 0
+    try:
+        with pytest.raises(cfg.ConfigError, match=r"another `wapo compare` is running in .*D \(pid \d+\)"):
+            compare(study, tmp_path / "D")
+        assert ran == []
+    finally:
+        sleepers[0].kill()
+        sleepers[0].wait()
+    assert compare(study, tmp_path / "D") == 0 and ran == ["seed=0"]  # its last holder gone, the folder is free

@@ -34,7 +34,8 @@ outermost, so a study cut short has every setting's first seeds. `--jobs N` runs
 once in subprocesses (`OMP_NUM_THREADS` set to each cell's `model.threads`); their output goes
 to `D/logs/<name>.log`. At the end `wapo.report` writes D/report.html and the summaries. One
 `wapo compare` at a time runs in a folder: a second one on the same D is refused (a lock on
-`D/.compare.lock`, released when the first ends, however it ends).
+`D/.compare.lock`, held by the first and by the workers it started, released when the last of
+them ends, however it ends).
 
 A cell's thread count is one of its settings: the matmul reduction order depends on it, and
 under bf16 that changes sampled tokens. Where the study leaves `model.threads` at 0 (auto), a
@@ -370,18 +371,20 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
         print_plan(cells, states, out_dir, jobs)
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _only_compare_in(out_dir):
-        return _run_study(study, study_file, cells, states, out_dir, jobs, write_report)
+    with _only_compare_in(out_dir) as lock:
+        return _run_study(study, study_file, cells, states, out_dir, jobs, write_report, lock)
 
 
 @contextmanager
 def _only_compare_in(out_dir: Path):
-    """Hold `out_dir/.compare.lock` (an exclusive flock, freed by the OS when this process ends) or refuse:
-    two studies in one folder would run the same cells into the same run folders."""
+    """Hold `out_dir/.compare.lock` (an exclusive flock) or refuse: two studies in one folder would run the
+    same cells into the same run folders. Yields the lock's file descriptor (None without flock), which
+    `--jobs` workers inherit: the OS frees the lock when its last holder ends, so a worker that outlives
+    this process (killed hard, or a second Ctrl-C while the workers finish their step) still holds it."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): unguarded
-        yield
+        yield None
         return
     with open(out_dir / ".compare.lock", "a+") as lock:
         try:
@@ -389,16 +392,17 @@ def _only_compare_in(out_dir: Path):
         except BlockingIOError:
             lock.seek(0)
             raise cfg.ConfigError(f"another `wapo compare` is running in {out_dir} ({lock.read().strip() or 'pid ?'}): "
-                                  "wait for it to end, or stop it (it resumes)") from None
+                                  "wait for it to end, or stop it (it resumes); where that pid is gone, cells it "
+                                  f"started still run (`fuser {out_dir / '.compare.lock'}` lists them)") from None
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()}")
         lock.flush()
-        yield
+        yield lock.fileno()
 
 
 def _run_study(study: Study, study_file: str | Path, cells: list[Cell], states: dict[str, str], out_dir: Path,
-               jobs: int, write_report) -> int:
+               jobs: int, write_report, lock: int | None) -> int:
     """`compare`'s work once it holds the folder: run the unfinished cells, write the report; exit status."""
     (out_dir / f"study{Path(study_file).suffix}").write_text(study.text)  # what the report reads the axes from
     todo = [c for c in cells if states[c.name] not in DONE]
@@ -409,8 +413,8 @@ def _run_study(study: Study, study_file: str | Path, cells: list[Cell], states: 
           f"(--jobs {jobs})", flush=True)
     with _sigterm_raises_interrupt():
         try:
-            run = _run_here if jobs == 1 else _run_in_subprocesses
-            failed = run(todo, out_dir, jobs, study.keep_checkpoints)
+            failed = (_run_here(todo, out_dir, jobs, study.keep_checkpoints) if jobs == 1 else
+                      _run_in_subprocesses(todo, out_dir, jobs, study.keep_checkpoints, lock=lock))
         except KeyboardInterrupt:
             print(f"\nStudy interrupted: run the same command again to continue {out_dir}.", flush=True)
             raise
@@ -476,11 +480,14 @@ def _run_here(cells: list[Cell], out_dir: Path, jobs: int, keep: bool) -> dict[s
     return failed
 
 
-def _run_in_subprocesses(cells: list[Cell], out_dir: Path, jobs: int, keep: bool) -> dict[str, str]:
+def _run_in_subprocesses(cells: list[Cell], out_dir: Path, jobs: int, keep: bool, *,
+                         lock: int | None = None) -> dict[str, str]:
     """Up to `jobs` cells at once, each in `python -m wapo.study` (output in D/logs/<cell>.log).
 
     Workers run in their own sessions, so a Ctrl-C reaches this process only; it then sends
-    each worker one SIGTERM (the trainer finishes or saves its step) and waits for them.
+    each worker one SIGTERM (the trainer finishes or saves its step) and waits for them. Each
+    worker inherits `lock` (the folder's, `_only_compare_in`), so the folder stays locked while
+    any worker runs, even one that outlives this process.
     """
     from tqdm.auto import tqdm
 
@@ -500,8 +507,9 @@ def _run_in_subprocesses(cells: list[Cell], out_dir: Path, jobs: int, keep: bool
                 log = (logs / f"{cell.name}.log").open("a")
                 command = [sys.executable, "-m", "wapo.study", json.dumps(cfg.to_dict(cell.config))]
                 command += ["--keep-checkpoints"] if keep else []
-                running[subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=cell_env,
-                                         start_new_session=True)] = (cell, log)
+                worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=cell_env,
+                                          start_new_session=True, pass_fds=() if lock is None else (lock,))
+                running[worker] = (cell, log)
             for proc in [p for p in running if p.poll() is not None]:
                 cell, log = running.pop(proc)
                 log.close()
