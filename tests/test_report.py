@@ -431,3 +431,21 @@ def test_runs_never_evaluated_are_not_counted_as_missing_a_final(tmp_path):
         wapo, grpo = list(csv.DictReader(f))
     assert (grpo["paired_seeds"], grpo["unpaired_seeds"]) == ("0", "0")
     assert "| grpo | 0 | — | — | 0/3 | 0/2 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_overview_tells_apart_more_settings_than_there_are_line_styles(tmp_path):
+    # the stress search's shape: 2 objectives × 6 variants; four line styles alone would draw variants 0 and 4
+    # (and 1 and 5) of one objective alike, so past four the styles take markers
+    from matplotlib.colors import to_hex
+
+    from wapo.report import _overview_figure, group_settings, setting_axes
+
+    for loss in ("wapo", "grpo"):
+        for i in range(6):
+            _run(tmp_path, loss, 0, [0.3, 0.5, 0.7], [2.0, 1.8, 1.6], [(0, "before", 0.5)], variant=f"v{i}")
+    runs = load_runs(tmp_path)
+    settings = group_settings(runs, setting_axes(runs, ["algorithm.loss", "variant"]), {})
+    looks = [(to_hex(line.get_color()), line.get_linestyle(), line.get_marker())
+             for line in _overview_figure(settings).axes[0].lines]
+    assert len(looks) == 12 and len(set(looks)) == 12
+    assert len({colour for colour, _, _ in looks}) == 2  # still one colour per objective

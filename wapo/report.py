@@ -572,7 +572,8 @@ def _setting_figure(title: str, runs: list[Run]):
 
 def _overview_figure(settings: list[tuple[dict, list[Run]]]):
     """The overview's metrics, one mean line (and band) per setting: a colour per objective, a line style per
-    value of the other axes (solid, dashed, dotted, dash-dot; colours and styles cycle beyond ten and four)."""
+    value of the other axes (solid, dashed, dotted, dash-dot, then those with a marker: o, s, ^, D), so each
+    setting has a look of its own up to ten objectives × twenty others (then they cycle)."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -585,8 +586,9 @@ def _overview_figure(settings: list[tuple[dict, list[Run]]]):
     for ax, key in zip(axes[0], OVERVIEW):
         for values, runs in settings:
             label = ", ".join(f"{_label(k, values)}={v}" for k, v in values.items())
+            other = others.index(rest(values))
             _draw_mean(ax, runs, key, f"C{losses.index(str(values.get('algorithm.loss'))) % 10}", label,
-                       ("-", "--", ":", "-.")[others.index(rest(values)) % 4])
+                       ("-", "--", ":", "-.")[other % 4] + ("", "o", "s", "^", "D")[other // 4 % 5])
         ax.set_title(key.replace("eval:", "held-out "), fontsize=10)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
