@@ -422,14 +422,14 @@ def test_length_cap_weighs_every_completion_once_and_names_fully_cut_steps(tmp_p
 
 def test_runs_never_evaluated_are_not_counted_as_missing_a_final(tmp_path):
     # eval_size = 0: no eval.jsonl rows at all, so nothing to pair and nothing "without a final"
-    for loss in ("wapo", "grpo"):
-        for seed in (0, 1):
-            _run(tmp_path, loss, seed, [0.3] * 3, [2.0] * 3, [])
-    _run(tmp_path, "grpo", 2, [0.3] * 3, [2.0] * 3, [(0, "before", 0.5)])  # evaluated, but wapo has no seed 2
+    for loss, seed in (("wapo", 0), ("wapo", 1), ("grpo", 0), ("grpo", 1), ("grpo", 2)):
+        d = _run(tmp_path, loss, seed, [0.3] * 3, [2.0] * 3, [])
+        config = cfg.from_dict({"run": {"eval_size": 0}}, cfg.from_dict(cfg.load_file(d / "config.toml")))
+        (d / "config.toml").write_text(cfg.dump_toml(config))
     write_report(tmp_path)
     with (tmp_path / "summary.csv").open() as f:
-        wapo, grpo = list(csv.DictReader(f))
-    assert (grpo["paired_seeds"], grpo["unpaired_seeds"]) == ("0", "0")
+        grpo, wapo = list(csv.DictReader(f))  # by folder name when no study file orders them
+    assert (grpo["loss"], grpo["paired_seeds"], grpo["unpaired_seeds"]) == ("grpo", "0", "0")
     assert "| grpo | 0 | — | — | 0/3 | 0/2 |" in (tmp_path / "summary.md").read_text()
 
 
@@ -449,3 +449,15 @@ def test_the_overview_tells_apart_more_settings_than_there_are_line_styles(tmp_p
              for line in _overview_figure(settings).axes[0].lines]
     assert len(looks) == 12 and len(set(looks)) == 12
     assert len({colour for colour, _, _ in looks}) == 2  # still one colour per objective
+
+
+def test_a_run_stopped_before_its_first_evaluation_is_a_seed_without_a_final(tmp_path):
+    # grpo seed 0 was to be evaluated (eval_size 4) but was stopped during its "before" evaluation: no eval
+    # rows yet, and no final to pair with wapo's; it is not a run that is never evaluated
+    _run(tmp_path, "wapo", 0, [0.3] * 3, [2.0] * 3, [(0, "before", 0.5), (3, "after", 0.6)])
+    _run(tmp_path, "grpo", 0, [], [], [])
+    write_report(tmp_path)
+    with (tmp_path / "summary.csv").open() as f:
+        grpo, wapo = list(csv.DictReader(f))  # by folder name when no study file orders them
+    assert (grpo["loss"], grpo["paired_seeds"], grpo["unpaired_seeds"]) == ("grpo", "0", "1")
+    assert "| grpo | 0 (1 without a final) | — | — | 0/1 | 0/1 |" in (tmp_path / "summary.md").read_text()

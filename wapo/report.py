@@ -273,7 +273,7 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
     """Add to each row its final greedy accuracy minus the reference objective's (WAPO where the study
     has it, else the first objective) in the setting that differs only in the loss, paired by seed
     over the seeds both have a final evaluation for: `reference`, `paired_seeds`, `unpaired_seeds` (seeds
-    both ran and evaluated where one has no final evaluation),
+    both ran with evaluations configured, `eval_size` > 0, where one has no final evaluation),
     `greedy_final_minus_reference_mean` and `..._ci95` (95% t interval half-width); the same for
     the entropy of the last third of the steps over those seeds (`entropy_end_minus_reference_*`). The reference."""
     losses = [values.get("algorithm.loss") for values, _ in settings]
@@ -290,15 +290,15 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
     for values, runs in settings:
         key = keys(values)[0]
         finals[key] = {r.seed: r.eval_value(EVALS["greedy"], "final") for r in runs}
-        evaluated[key] = {r.seed for r in runs if r.evals}
+        evaluated[key] = {r.seed for r in runs if r.config.run.eval_size > 0}  # to be, whether or not it got to it
         entropies[key] = {r.seed: _end_entropy(r) for r in runs}
     for (values, _), row in zip(settings, rows):
         key, ref_key = keys(values)
         mine, ref = finals[key], finals.get(ref_key, {})
         seeds = [s for s in sorted(mine) if s in ref and not math.isnan(mine[s]) and not math.isnan(ref[s])]
         mean, half = paired_interval([mine[s] - ref[s] for s in seeds]) if seeds else (math.nan, math.nan)
-        # a seed both ran and evaluated but one of them has no final evaluation (diverged, or unfinished):
-        # said, not hidden; a run never evaluated (`eval_size = 0`) has nothing to pair or to miss
+        # a seed both ran to be evaluated but one of them has no final evaluation (diverged, or unfinished, even
+        # before its first evaluation): said, not hidden; a run never evaluated (`eval_size = 0`) misses nothing
         both_evaluated = evaluated[key] & evaluated.get(ref_key, set())
         unpaired = sum(1 for s in mine if s in ref and s in both_evaluated and s not in seeds)
         row.update(reference=reference, paired_seeds=len(seeds), unpaired_seeds=unpaired,
