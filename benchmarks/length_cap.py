@@ -3,10 +3,12 @@
     python benchmarks/length_cap.py docs/results/math/runs/* \
         $(ls -d docs/results/stress_search/runs/* | grep -v -e variant=base -e variant=lr1e-4)
 
-A step's rows are `backward_rows + skipped_rows` and its share at the cap `truncated_frac`
-(metrics.jsonl; docs/metrics.md), so the overall share weighs every completion once. Also
-lists the runs with a step where every completion was cut. (The stress search's `base` and
-`lr1e-4` cells are E2's seed-0 cells run again, number for number, hence left out above.)
+A step's completions are `prompts_per_step × samples_per_prompt × sampling_rounds` (its
+config.toml and metrics.jsonl: every round DAPO's dynamic sampling drew, which `truncated_frac`
+covers, not only the rows of the update) and its share at the cap `truncated_frac`
+(docs/metrics.md), so the overall share weighs every completion once. Also lists the runs with
+a step where every completion was cut. (The stress search's `base` and `lr1e-4` cells are
+copies of E2's seed-0 cells, hence left out above.)
 With `--per-run`, a Markdown table first: each run's share at the cap and its mean completion
 length (tokens) at the first step and over the last third of its steps (the report's window):
 
@@ -19,6 +21,7 @@ import argparse
 import math
 from pathlib import Path
 
+from wapo import config as cfg
 from wapo.runlog import read_metrics
 
 
@@ -28,10 +31,11 @@ def at_the_cap(runs: list[Path]) -> tuple[int, float, dict[str, list[int]]]:
     full = {}
     for run in runs:
         metrics = [m for m in read_metrics(run) if m.get("truncated_frac") is not None]
-        if not metrics:
-            raise SystemExit(f"{run}: no metrics.jsonl rows with truncated_frac; is it a run folder?")
+        if not metrics or not (run / "config.toml").is_file():
+            raise SystemExit(f"{run}: no config.toml, or no metrics.jsonl rows with truncated_frac; a run folder?")
+        sampling = cfg.from_dict(cfg.load_file(run / "config.toml")).sampling
         for m in metrics:
-            n = m["backward_rows"] + m["skipped_rows"]
+            n = sampling.prompts_per_step * sampling.samples_per_prompt * (m.get("sampling_rounds") or 1)
             rows += n
             cut += m["truncated_frac"] * n
         steps = [m["step"] for m in metrics if m["truncated_frac"] == 1.0]

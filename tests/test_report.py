@@ -397,17 +397,22 @@ def test_the_readme_table_shows_one_start_where_the_spread_is_only_rounding(tmp_
 
 
 def test_length_cap_weighs_every_completion_once_and_names_fully_cut_steps(tmp_path, benchmark_script):
-    def run(name, steps):
+    def run(name, steps, sampling=None, algorithm=None):
         (tmp_path / name).mkdir()
+        config = cfg.from_dict({"sampling": sampling or {}, "algorithm": algorithm or {}})
+        (tmp_path / name / "config.toml").write_text(cfg.dump_toml(config))
         (tmp_path / name / "metrics.jsonl").write_text("".join(
-            json.dumps({"step": i + 1, "backward_rows": b, "skipped_rows": s, "truncated_frac": t}) + "\n"
-            for i, (b, s, t) in enumerate(steps)))
+            json.dumps({"step": i + 1, "sampling_rounds": r, "backward_rows": 8, "skipped_rows": 8,
+                        "truncated_frac": t}) + "\n" for i, (r, t) in enumerate(steps)))
         return tmp_path / name
 
-    a = run("a", [(40, 24, 0.5), (64, 0, 1.0)])  # 64 rows: 32 cut, then 64 cut
-    b = run("b", [(8, 24, 0.0)])  # 32 rows, none cut
+    # 8 prompts × 8 = 64 completions a step: 32 cut, then 64 cut
+    a = run("a", [(1, 0.5), (1, 1.0)])
+    # DAPO's dynamic sampling: 4 × 8 drawn a round; 3 rounds, 96 drawn, all of them in truncated_frac, though
+    # only 16 rows (2 mixed groups) went into the update (backward_rows + skipped_rows)
+    b = run("b", [(3, 0.0)], {"prompts_per_step": 4}, {"loss": "dapo", "dynamic_sampling": True})
     rows, share, full = benchmark_script("length_cap").at_the_cap([a, b])
-    assert rows == 160 and share == pytest.approx(96 / 160)  # a plain mean of the steps would be 0.5
+    assert rows == 224 and share == pytest.approx(96 / 224)  # a plain mean of the steps would be 0.5
     assert full == {"a": [2]}
     for name, lengths in (("a", [20.0, 30.0]), ("b", [10.0])):  # completion_len per step; last third: ⌈n/3⌉ steps
         rows = [json.loads(line) | {"completion_len": n}
@@ -416,9 +421,9 @@ def test_length_cap_weighs_every_completion_once_and_names_fully_cut_steps(tmp_p
     assert benchmark_script("length_cap").per_run_row(a) == "| a | 75.0% | 20 → 30 |"  # (32 + 64) / 128
     assert benchmark_script("length_cap").per_run_row(b) == "| b | 0.0% | 10 → 10 |"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no metrics.jsonl rows"):
+    (tmp_path / "empty" / "config.toml").write_text((tmp_path / "a" / "config.toml").read_text())
+    with pytest.raises(SystemExit, match="no metrics.jsonl rows with truncated_frac"):
         benchmark_script("length_cap").at_the_cap([tmp_path / "empty"])
-
 
 def test_runs_never_evaluated_are_not_counted_as_missing_a_final(tmp_path):
     # eval_size = 0: no eval.jsonl rows at all, so nothing to pair and nothing "without a final"
