@@ -9,8 +9,9 @@ covers, not only the rows of the update) and its share at the cap `truncated_fra
 (docs/metrics.md), so the overall share weighs every completion once. Also lists the runs with
 a step where every completion was cut. (The stress search's `base` and `lr1e-4` cells are
 copies of E2's seed-0 cells, hence left out above.)
-With `--per-run`, a Markdown table first: each run's share at the cap and its mean completion
-length (tokens) at the first step and over the last third of its steps (the report's window):
+With `--per-run`, a Markdown table first: each run's share at the cap, its mean completion
+length (tokens) at the first step and over the last third of its steps, and its mean entropy
+(nats) over that last third (the report's window):
 
     python benchmarks/length_cap.py --per-run docs/results/math_hard/runs/*lr=0.0001*
 """
@@ -45,12 +46,19 @@ def at_the_cap(runs: list[Path]) -> tuple[int, float, dict[str, list[int]]]:
 
 
 def per_run_row(run: Path) -> str:
-    """`| run | share at the cap | length: first step → last third |` of one run folder."""
-    metrics = [m for m in read_metrics(run) if m.get("completion_len") is not None]
+    """`| run | share at the cap | length: first step → last third | entropy, last third |` of one run
+    folder; the last third is its last ⌈T/3⌉ of T metrics rows, as in `wapo report` (a mean of the
+    values they logged)."""
+    metrics = read_metrics(run)
     _, share, _ = at_the_cap([run])
     last = metrics[-math.ceil(len(metrics) / 3):]
-    return (f"| {run.name} | {share:.1%} | {metrics[0]['completion_len']:.0f} → "
-            f"{sum(m['completion_len'] for m in last) / len(last):.0f} |")
+
+    def mean(key: str) -> float:
+        values = [m[key] for m in last if m.get(key) is not None]
+        return sum(values) / len(values) if values else math.nan
+
+    return (f"| {run.name} | {share:.1%} | {metrics[0]['completion_len']:.0f} → {mean('completion_len'):.0f} "
+            f"| {mean('entropy'):.2f} |")
 
 
 def main() -> None:
@@ -59,12 +67,14 @@ def main() -> None:
     parser.add_argument("--per-run", action="store_true", help="first a table of each run's share and length")
     args = parser.parse_args()
     if args.per_run:
-        print("| run | completions at the cap | mean length: first step → last third |\n|---|---:|---|")
+        print("| run | completions at the cap | mean length: first step → last third | entropy, last third |\n"
+              "|---|---:|---|---:|")
         print("\n".join(per_run_row(run) for run in args.runs) + "\n")
     rows, share, full = at_the_cap(args.runs)
     print(f"{len(args.runs)} runs, {rows} completions, {share:.1%} at the token budget")
     print("every completion cut in a step:",
           "; ".join(f"{name} (steps {', '.join(map(str, steps))})" for name, steps in full.items()) or "none")
+
 
 if __name__ == "__main__":
     main()

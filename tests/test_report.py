@@ -414,12 +414,13 @@ def test_length_cap_weighs_every_completion_once_and_names_fully_cut_steps(tmp_p
     rows, share, full = benchmark_script("length_cap").at_the_cap([a, b])
     assert rows == 224 and share == pytest.approx(96 / 224)  # a plain mean of the steps would be 0.5
     assert full == {"a": [2]}
-    for name, lengths in (("a", [20.0, 30.0]), ("b", [10.0])):  # completion_len per step; last third: ⌈n/3⌉ steps
-        rows = [json.loads(line) | {"completion_len": n}
-                for line, n in zip((tmp_path / name / "metrics.jsonl").read_text().splitlines(), lengths)]
+    # completion_len and entropy per step; the last third: the last ⌈n/3⌉ steps (a: step 2 of 2; b: its one step)
+    for name, lengths, entropies in (("a", [20.0, 30.0], [2.0, 0.5]), ("b", [10.0], [None])):
+        rows = [json.loads(line) | {"completion_len": n, "entropy": h} for line, n, h
+                in zip((tmp_path / name / "metrics.jsonl").read_text().splitlines(), lengths, entropies)]
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert benchmark_script("length_cap").per_run_row(a) == "| a | 75.0% | 20 → 30 |"  # (32 + 64) / 128
-    assert benchmark_script("length_cap").per_run_row(b) == "| b | 0.0% | 10 → 10 |"
+    assert benchmark_script("length_cap").per_run_row(a) == "| a | 75.0% | 20 → 30 | 0.50 |"  # (32 + 64) / 128
+    assert benchmark_script("length_cap").per_run_row(b) == "| b | 0.0% | 10 → 10 | nan |"  # no entropy logged
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.toml").write_text((tmp_path / "a" / "config.toml").read_text())
     with pytest.raises(SystemExit, match="no metrics.jsonl rows with truncated_frac"):

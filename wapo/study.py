@@ -366,13 +366,12 @@ def compare(study_file: str | Path, out_dir: str | Path, *, jobs: int = 1, dry_r
     _check_names(cells)
     if only:
         cells = select_cells(cells, study, only)
-    states = {c.name: cell_state(c.config, c.dir) for c in cells}
     if dry_run:
-        print_plan(cells, states, out_dir, jobs)
+        print_plan(cells, {c.name: cell_state(c.config, c.dir) for c in cells}, out_dir, jobs)
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     with _only_compare_in(out_dir) as lock:
-        return _run_study(study, study_file, cells, states, out_dir, jobs, write_report, lock)
+        return _run_study(study, study_file, cells, out_dir, jobs, write_report, lock)
 
 
 @contextmanager
@@ -401,9 +400,11 @@ def _only_compare_in(out_dir: Path):
         yield lock.fileno()
 
 
-def _run_study(study: Study, study_file: str | Path, cells: list[Cell], states: dict[str, str], out_dir: Path,
-               jobs: int, write_report, lock: int | None) -> int:
-    """`compare`'s work once it holds the folder: run the unfinished cells, write the report; exit status."""
+def _run_study(study: Study, study_file: str | Path, cells: list[Cell], out_dir: Path, jobs: int, write_report,
+               lock: int | None) -> int:
+    """`compare`'s work once it holds the folder: run the unfinished cells, write the report; exit status.
+    The cells' states are read here, under the lock: a study that ended just before changed them."""
+    states = {c.name: cell_state(c.config, c.dir) for c in cells}
     (out_dir / f"study{Path(study_file).suffix}").write_text(study.text)  # what the report reads the axes from
     todo = [c for c in cells if states[c.name] not in DONE]
     for c in cells:
