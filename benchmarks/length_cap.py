@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 
 from wapo import config as cfg
+from wapo.report import last_third
 from wapo.runlog import read_metrics
 
 
@@ -51,7 +52,7 @@ def per_run_row(run: Path) -> str:
     values they logged)."""
     metrics = read_metrics(run)
     _, share, _ = at_the_cap([run])
-    last = metrics[-math.ceil(len(metrics) / 3):]
+    last = last_third(metrics)
 
     def mean(key: str) -> float:
         values = [m[key] for m in last if m.get(key) is not None]

@@ -283,7 +283,7 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
 
     def keys(values: dict) -> tuple[tuple, tuple]:
         """(this setting, the reference's setting that differs from it only in the loss)."""
-        rest = json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str)
+        rest = _all_but_the_loss(values)
         return (values.get("algorithm.loss"), rest), (reference, rest)
 
     finals, entropies, evaluated = {}, {}, {}
@@ -310,6 +310,16 @@ def compare_to_reference(settings: list[tuple[dict, list[Run]]], rows: list[dict
     return reference
 
 
+def _all_but_the_loss(values: dict) -> str:
+    """A setting's axis values other than the objective, as one comparable text."""
+    return json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str)
+
+
+def last_third(rows: list) -> list:
+    """The last ⌈T/3⌉ of T rows: the window of the end-of-run entropy (`_end_entropy`)."""
+    return rows[len(rows) - math.ceil(len(rows) / 3):]
+
+
 def _first_entropy(run: Run) -> float:
     """The entropy a run logged first: its starting policy's (a step that logs none updates nothing) on the
     first batch it described; NaN if it logged none."""
@@ -327,7 +337,7 @@ def _end_entropy(run: Run) -> float:
     if run.state != "finished":
         return math.nan
     entropies = [_number(r.get("entropy")) for r in run.metrics]
-    window = [h for h in entropies[len(entropies) - math.ceil(len(entropies) / 3):] if not math.isnan(h)]
+    window = [h for h in last_third(entropies) if not math.isnan(h)]
     if window:
         return sum(window) / len(window)
     return next((h for h in reversed(entropies) if not math.isnan(h)), math.nan)
@@ -577,16 +587,13 @@ def _overview_figure(settings: list[tuple[dict, list[Run]]]):
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    def rest(values: dict) -> str:
-        return json.dumps({k: v for k, v in values.items() if k != "algorithm.loss"}, sort_keys=True, default=str)
-
     losses = list(dict.fromkeys(str(values.get("algorithm.loss")) for values, _ in settings))
-    others = list(dict.fromkeys(rest(values) for values, _ in settings))
+    others = list(dict.fromkeys(_all_but_the_loss(values) for values, _ in settings))
     fig, axes = plt.subplots(1, len(OVERVIEW), figsize=(18, 4), squeeze=False)
     for ax, key in zip(axes[0], OVERVIEW):
         for values, runs in settings:
             label = ", ".join(f"{_label(k, values)}={v}" for k, v in values.items())
-            other = others.index(rest(values))
+            other = others.index(_all_but_the_loss(values))
             _draw_mean(ax, runs, key, f"C{losses.index(str(values.get('algorithm.loss'))) % 10}", label,
                        ("-", "--", ":", "-.")[other % 4] + ("", "o", "s", "^", "D")[other // 4 % 5])
         ax.set_title(key.replace("eval:", "held-out "), fontsize=10)
