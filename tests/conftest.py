@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# cuBLAS reads this when it starts; `torch.use_deterministic_algorithms` needs it on a GPU.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def char_tokenizer():
@@ -40,6 +42,23 @@ def benchmark_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def deterministic_kernels():
+    """`torch.use_deterministic_algorithms(True)` for one test.
+
+    CPU kernels are deterministic at a fixed thread count; CUDA's default ones are not (on an
+    H200 two uninterrupted 2-step SFT runs of the tiny model ended with weights ~2e-8 apart,
+    `benchmarks/cuda_check.sh`), so a test that compares a resumed run with an uninterrupted
+    one bit for bit asks for deterministic kernels, which make the two equal on a GPU too.
+    """
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
 
 
 @pytest.fixture(scope="session")

@@ -156,6 +156,9 @@ def test_refusals_say_why(answer: str, reason: str) -> None:
 
 def test_slow_comparison_times_out_and_the_grader_recovers() -> None:
     # Passes every pre-check but expands to ~3000 terms: about 9 s in SymPy.
+    # The grader runs first: start-up is not what is timed (on a GPU machine start-up and timeout took 3 s).
+    assert math_equal("\\frac{1}{2}", "0.5")
+    assert rewards._GRADER._process.poll() is None
     start = time.perf_counter()
     result = grade_math("\\boxed{(a+b+c+d+e+f)^{10}}", "3", timeout_s=0.5)
     assert (result.score, result.reason) == (0.0, "grader timeout")

@@ -144,7 +144,7 @@ def test_step_2_samples_with_the_initial_weights_and_its_ratio_carries_the_gap(t
         with torch.no_grad():
             for name, p in trainer.model.named_parameters():
                 p.copy_(weights[name])
-            return trainer.token_stats(batch, rows_all).logp
+            return trainer.token_stats(batch, rows_all).logp.cpu()  # the batch's μ is on the CPU
 
     theta1 = _trainable(trainer.sampler, set(theta0))  # after step 2 the sampler holds θ1 (test above)
     mu, m = batch.old_logprobs, batch.mask

@@ -351,7 +351,8 @@ def test_jobs_run_cells_in_subprocesses_and_sigterm_stops_them_resumably(tiny_mo
                    axes='"algorithm.loss" = ["wapo", "grpo"]\n')
     out = tmp_path / "D"
     cells = load_study(study).cells(out, jobs=2)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                                    os.environ.get("PYTHONPATH")]))}
     parent = subprocess.Popen([sys.executable, "-m", "wapo.cli", "compare", str(study), "--output-dir", str(out),
                                "--jobs", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120

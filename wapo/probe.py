@@ -62,11 +62,16 @@ class Tally:
 
     def add(self, update: str, before: TokenStats, dlogp: Tensor, dentropy: Tensor, advantages: Tensor,
             mask: Tensor) -> None:
-        """Fold in one batch: `before` fields and the real changes are (B, T); advantages (B,)."""
-        sign = advantages.sign().unsqueeze(-1).expand_as(mask).to(dlogp.dtype)
-        forecast_h = sign * before.pred_dentropy.to(dlogp.dtype)
-        cells = {"pos_peak": (sign > 0) & before.is_peak, "pos_valley": (sign > 0) & ~before.is_peak,
-                 "neg_peak": (sign < 0) & before.is_peak, "neg_valley": (sign < 0) & ~before.is_peak,
+        """Fold in one batch: `before` fields and the real changes are (B, T); advantages (B,).
+
+        Counted on the CPU: the batch's tensors live there, the model's (and so `before`'s and an
+        update's real changes) on the model's device.
+        """
+        dlogp, dentropy, mask, is_peak = dlogp.cpu(), dentropy.cpu(), mask.cpu(), before.is_peak.cpu()
+        sign = advantages.cpu().sign().unsqueeze(-1).expand_as(mask).to(dlogp.dtype)
+        forecast_h = sign * before.pred_dentropy.cpu().to(dlogp.dtype)
+        cells = {"pos_peak": (sign > 0) & is_peak, "pos_valley": (sign > 0) & ~is_peak,
+                 "neg_peak": (sign < 0) & is_peak, "neg_valley": (sign < 0) & ~is_peak,
                  "all": sign != 0}
         for name, cell in cells.items():
             cell = cell & mask

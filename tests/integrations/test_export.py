@@ -35,9 +35,10 @@ def full_run(tiny_model_dir, tmp_path_factory):
 
 
 def _logits(model, ids):
+    """On the CPU, whatever device the model is on (the trainer's `auto` picks CUDA when present)."""
     model.eval()
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(model.device)).logits.cpu()
 
 
 IDS = torch.tensor([[5, 17, 3, 40, 22, 9, 31, 2], [12, 12, 7, 1, 60, 4, 28, 15]])
