@@ -278,6 +278,25 @@ def test_the_paired_interval_uses_students_t():
     assert [round(t95(df), 3) for df in (30, 40, 100, 1000)] == [2.042, 2.021, 1.984, 1.962]
 
 
+def test_flagged_steps_are_marked_on_every_metrics_panel_of_their_run(study_dir):
+    # grpo seed 2 is flagged at step 3 only (the fixture): a red × at step 3 on its own line in each panel of
+    # metrics.jsonl, at that step's value (entropy 1.2, reward 0.7); none for the unflagged seeds; none on
+    # held-out panels (eval.jsonl's steps are not the flagged ones)
+    from matplotlib.colors import to_hex
+
+    from wapo.report import CURVES, _setting_figure
+
+    runs = [r for r in load_runs(study_dir) if r.config.algorithm.loss == "grpo"]
+    figure = _setting_figure("grpo", runs)
+    marks = {ax.get_title(): [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines
+                              if line.get_marker() == "x" and to_hex(line.get_color()) == "#ff0000"
+                              and len(line.get_xdata())]
+             for ax in figure.axes if ax.get_title()}
+    assert marks["entropy"] == [([3], [1.2])] and marks["reward_mean"] == [([3], [0.7])]
+    assert marks["held-out greedy_accuracy"] == [] and marks["held-out pass@k"] == []
+    assert all(len(marks[key]) == 1 for key in CURVES if not key.startswith("eval:"))
+
+
 def test_runs_logged_without_flags_are_replayed_through_the_detector(tmp_path):
     # the collapsing stream of tests/test_collapse.py: flagged at step 4 by the entropy criterion
     _run(tmp_path, "grpo", 0, [0.5, 0.7, 0.3, 0.1], [2.0, 0.4, 0.2, 0.1], [])

@@ -337,6 +337,23 @@ def test_a_changed_study_is_not_mixed_into_cells_run_with_other_settings(tiny_mo
         compare(study, tmp_path / "D")
 
 
+def test_a_study_folder_named_another_way_or_moved_is_the_same_study(tmp_path, monkeypatch, no_training):
+    # a cell's config.toml records the folder it was created in (run.output_dir): `--output-dir studies/x` then
+    # `--output-dir /abs/.../studies/x`, or a study moved (committed under docs/results), is the same folder of
+    # cells, not a changed setting: its partial cell resumes
+    monkeypatch.chdir(tmp_path)
+    study = _write(tmp_path / "s.toml", '[axes]\n"run.seed" = [0]\n')
+    cell = load_study(study).cells(Path("D"))[0]
+    assert cell.config.run.output_dir == "D/runs/seed=0"
+    cell.dir.mkdir(parents=True)
+    (cell.dir / "config.toml").write_text(cfg.dump_toml(cell.config))
+    (cell.dir / "checkpoints" / "step_000001").mkdir(parents=True)
+    assert compare(study, tmp_path / "D") == 0 and no_training == {"seed=0": 3}
+    (tmp_path / "D").rename(tmp_path / "moved")
+    no_training.clear()
+    assert compare(study, tmp_path / "moved") == 0 and no_training == {"seed=0": 3}
+
+
 def test_keep_checkpoints_keeps_them(tiny_model_dir, tmp_path):
     study = _study(tmp_path, tiny_model_dir, steps=1, eval_size=0, axes='"run.seed" = [0]\n',
                    extra="[study]\nkeep_checkpoints = true\n")

@@ -72,8 +72,9 @@ DONE = ("finished", "diverged")
 SEED_AXIS = "run.seed"
 VARIANT_AXIS = "variant"
 """The axis of a study's [variants]: its values are their names."""
-IGNORED_WHEN_RESUMING = (("run", "progress"),)
-"""Settings that may differ between the runs of one cell: they change the display, not results."""
+IGNORED_WHEN_RESUMING = (("run", "progress"), ("run", "output_dir"))
+"""Settings that may differ between the runs of one cell: they change the display, not results; and the
+folder, which the cell is wherever it lies (`--output-dir` spelled another way, or the study moved)."""
 DEFAULT_SECONDS = {"sample": 17.6 / (64 * 48), "train": 21.4 / (64 * 48)}
 """Seconds per sampled row per token of budget (`max_new_tokens`) when no cell has run yet: the
 built-in model in float32 on 2 CPU cores took 17.6 s to sample and 21.4 s to update 8 × 8 rows
@@ -300,7 +301,7 @@ def _drop_checkpoints(cell_dir: Path) -> None:
 
 
 def config_differences(saved: cfg.TrainConfig, wanted: cfg.TrainConfig) -> list[str]:
-    """`section.field: old -> new` for each setting that differs, speed/display settings aside."""
+    """`section.field: old -> new` for each setting that differs, `IGNORED_WHEN_RESUMING` aside."""
     old, new = cfg.to_dict(saved), cfg.to_dict(wanted)
     return [f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}" for s in new for k in new[s]
             if old[s][k] != new[s][k] and (s, k) not in IGNORED_WHEN_RESUMING]
