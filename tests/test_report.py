@@ -284,7 +284,7 @@ def test_flagged_steps_are_marked_on_every_metrics_panel_of_their_run(study_dir)
     # held-out panels (eval.jsonl's steps are not the flagged ones)
     from matplotlib.colors import to_hex
 
-    from wapo.report import CURVES, _setting_figure
+    from wapo.report import CURVES, _setting_figure, panel_title
 
     runs = [r for r in load_runs(study_dir) if r.config.algorithm.loss == "grpo"]
     figure = _setting_figure("grpo", runs)
@@ -294,7 +294,8 @@ def test_flagged_steps_are_marked_on_every_metrics_panel_of_their_run(study_dir)
              for ax in figure.axes if ax.get_title()}
     assert marks["entropy"] == [([3], [1.2])] and marks["reward_mean"] == [([3], [0.7])]
     assert marks["held-out greedy_accuracy"] == [] and marks["held-out pass@k"] == []
-    assert all(len(marks[key]) == 1 for key in CURVES if not key.startswith("eval:"))
+    assert all(len(marks[panel_title(key)]) == 1 for key in CURVES if not key.startswith("eval:"))
+    assert "neg_peak_pred_dentropy (per unit ηA)" in marks  # the forecasts' panels say their unit
 
 
 def test_runs_logged_without_flags_are_replayed_through_the_detector(tmp_path):

@@ -54,6 +54,12 @@ CURVES = (["reward_mean", "eval:greedy_accuracy", "eval:pass@k", "entropy", "com
 OVERVIEW = ("reward_mean", "eval:greedy_accuracy", "entropy", "completion_len")
 
 
+def panel_title(key: str) -> str:
+    """A panel's title: its key; `eval:` as "held-out"; the forecasts' unit, since a bin's
+    `_pred_dentropy` is per unit ηA (negative for neg_peak, whose own term raises the entropy)."""
+    return key.replace("eval:", "held-out ") + (" (per unit ηA)" if key.endswith("_pred_dentropy") else "")
+
+
 @dataclass
 class Run:
     """One run folder's config, logs, state (`wapo.study.cell_state`) and collapse flags."""
@@ -568,7 +574,7 @@ def _setting_figure(title: str, runs: list[Run]):
                 flagged = [t for t in run.collapse_steps if t in at]
                 ax.plot(flagged, [at[t] for t in flagged], "x", color="red", ms=7, mew=2)
         _draw_mean(ax, runs, key, "black", "mean")
-        ax.set_title(key.replace("eval:", "held-out "), fontsize=10)
+        ax.set_title(panel_title(key), fontsize=10)
         ax.tick_params(labelsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(CURVES):]:
@@ -596,7 +602,7 @@ def _overview_figure(settings: list[tuple[dict, list[Run]]]):
             other = others.index(_all_but_the_loss(values))
             _draw_mean(ax, runs, key, f"C{losses.index(str(values.get('algorithm.loss'))) % 10}", label,
                        ("-", "--", ":", "-.")[other % 4] + ("", "o", "s", "^", "D")[other // 4 % 5])
-        ax.set_title(key.replace("eval:", "held-out "), fontsize=10)
+        ax.set_title(panel_title(key), fontsize=10)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].legend(fontsize=7)
