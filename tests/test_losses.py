@@ -128,6 +128,29 @@ def test_on_policy_gspo_is_grpo_and_off_policy_it_is_not():
     assert not torch.allclose(grads["off", "grpo"], grads["off", "gspo"])
 
 
+def test_on_policy_cispo_is_dapo_and_off_policy_it_is_not():
+    # at ρ = 1 the weight sg[clip(1)] is 1 and DAPO's surrogate ρ·A has gradient A·∇logπ: both are
+    # −A_i / D on each token, D the batch's token count, so with dynamic sampling off (DAPO's
+    # default here) the runs are identical (seen in the math study: every logged number of the
+    # dapo and cispo cells agrees). Off-policy, a ratio outside DAPO's band (0.8, 1.28) loses its
+    # gradient there and keeps it in CISPO.
+    torch.manual_seed(0)
+    mask = torch.rand(6, 5) < 0.8
+    mask[:, 0] = True
+    adv = torch.randn(6, dtype=torch.float64)
+    values = (-torch.rand(6, 5, dtype=torch.float64)).tolist()
+    grads = {}
+    for ratios in ("on", "off"):
+        rho = torch.ones(6, 5) if ratios == "on" else torch.exp(0.5 * torch.randn(6, 5))  # many outside the band
+        for loss in ("dapo", "cispo"):
+            logprobs, old, m = _inputs(values, rho.tolist(), mask.tolist())
+            grads[ratios, loss] = _grad(wapo.policy_loss(loss, logprobs, old, adv, m, max_len=5), logprobs)
+    expected = -adv.unsqueeze(-1) * mask / mask.sum()
+    torch.testing.assert_close(grads["on", "dapo"], expected)
+    torch.testing.assert_close(grads["on", "cispo"], expected)
+    assert not torch.allclose(grads["off", "dapo"], grads["off", "cispo"])
+
+
 def test_cispo_hand_worked():
     logprobs, old, adv, mask = _two_rows()
     out = wapo.policy_loss("cispo", logprobs, old, adv, mask, max_len=4)
