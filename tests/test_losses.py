@@ -132,8 +132,8 @@ def test_on_policy_cispo_is_dapo_and_off_policy_it_is_not():
     # at ρ = 1 the weight sg[clip(1)] is 1 and DAPO's surrogate ρ·A has gradient A·∇logπ: both are
     # −A_i / D on each token, D the batch's token count, so with dynamic sampling off (DAPO's
     # default here) the runs are identical (seen in the math study: every logged number of the
-    # dapo and cispo cells agrees). Off-policy, a ratio outside DAPO's band (0.8, 1.28) loses its
-    # gradient there and keeps it in CISPO.
+    # dapo and cispo cells agrees). Off-policy, a token DAPO clips (ρ > 1.28 with A > 0, ρ < 0.8 with
+    # A < 0) loses its gradient there and keeps it in CISPO.
     torch.manual_seed(0)
     mask = torch.rand(6, 5) < 0.8
     mask[:, 0] = True
