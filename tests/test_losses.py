@@ -107,10 +107,9 @@ def test_gspo_hand_worked():
     torch.testing.assert_close(_grad(out, logprobs), torch.tensor([[-0.25, -0.25], [0.5, 0]], dtype=torch.float64))
 
 
-def test_on_policy_gspo_is_grpo_and_off_policy_it_is_not():
-    # at ρ = 1 (one update per batch, the ratio against the trainer) both gradients are
-    # −A_i / (|o_i|·B) on each token of row i: the same update, so runs of the two are identical
-    # (seen in the math study: every logged number of grpo and gspo cells agrees)
+def _twin_gradients(losses: tuple[str, str], off_policy_spread: float):
+    """(grads[on|off, loss], advantages, mask) of two objectives on one seeded 6 × 5 batch: at ρ = 1
+    ("on") and at ρ = exp(spread · N(0, 1)) per token ("off")."""
     torch.manual_seed(0)
     mask = torch.rand(6, 5) < 0.8
     mask[:, 0] = True
@@ -118,10 +117,18 @@ def test_on_policy_gspo_is_grpo_and_off_policy_it_is_not():
     values = (-torch.rand(6, 5, dtype=torch.float64)).tolist()
     grads = {}
     for ratios in ("on", "off"):
-        rho = torch.ones(6, 5) if ratios == "on" else torch.exp(0.05 * torch.randn(6, 5))  # inside GRPO's clip
-        for loss in ("grpo", "gspo"):
+        rho = torch.ones(6, 5) if ratios == "on" else torch.exp(off_policy_spread * torch.randn(6, 5))
+        for loss in losses:
             logprobs, old, m = _inputs(values, rho.tolist(), mask.tolist())
             grads[ratios, loss] = _grad(wapo.policy_loss(loss, logprobs, old, adv, m, max_len=5), logprobs)
+    return grads, adv, mask
+
+
+def test_on_policy_gspo_is_grpo_and_off_policy_it_is_not():
+    # at ρ = 1 (one update per batch, the ratio against the trainer) both gradients are
+    # −A_i / (|o_i|·B) on each token of row i: the same update, so runs of the two are identical
+    # (seen in the math study: every logged number of grpo and gspo cells agrees)
+    grads, adv, mask = _twin_gradients(("grpo", "gspo"), 0.05)  # off-policy: inside GRPO's clip
     expected = -adv.unsqueeze(-1) * mask / mask.sum(-1, keepdim=True) / 6
     torch.testing.assert_close(grads["on", "grpo"], expected)
     torch.testing.assert_close(grads["on", "gspo"], expected)
@@ -134,17 +141,7 @@ def test_on_policy_cispo_is_dapo_and_off_policy_it_is_not():
     # default here) the runs are identical (seen in the math study: every logged number of the
     # dapo and cispo cells agrees). Off-policy, a token DAPO clips (ρ > 1.28 with A > 0, ρ < 0.8 with
     # A < 0) loses its gradient there and keeps it in CISPO.
-    torch.manual_seed(0)
-    mask = torch.rand(6, 5) < 0.8
-    mask[:, 0] = True
-    adv = torch.randn(6, dtype=torch.float64)
-    values = (-torch.rand(6, 5, dtype=torch.float64)).tolist()
-    grads = {}
-    for ratios in ("on", "off"):
-        rho = torch.ones(6, 5) if ratios == "on" else torch.exp(0.5 * torch.randn(6, 5))  # many outside the band
-        for loss in ("dapo", "cispo"):
-            logprobs, old, m = _inputs(values, rho.tolist(), mask.tolist())
-            grads[ratios, loss] = _grad(wapo.policy_loss(loss, logprobs, old, adv, m, max_len=5), logprobs)
+    grads, adv, mask = _twin_gradients(("dapo", "cispo"), 0.5)  # off-policy: many outside DAPO's band
     expected = -adv.unsqueeze(-1) * mask / mask.sum()
     torch.testing.assert_close(grads["on", "dapo"], expected)
     torch.testing.assert_close(grads["on", "cispo"], expected)
